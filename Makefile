@@ -1,0 +1,32 @@
+# Two commands for a fresh machine:  `make demo` (the embedded CPU demo) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast param-count clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Everything, the slow end-to-end cases included (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest tests -q -n 2 --durations=15
+
+# Unit tests only.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -n 2 -m "not slow"
+
+param-count: $(STAMP)
+	$(PY) -m simvlm_jax.models.param_count
+
+demo: $(STAMP)
+	$(PY) -m simvlm_jax.demo
+
+clean:
+	rm -rf $(VENV)

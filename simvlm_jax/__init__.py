@@ -1,0 +1,1 @@
+"""simvlm_jax: SimVLM (PrefixLM vision-language pretraining) in JAX/Flax."""

@@ -1,0 +1,69 @@
+"""Synthetic batches: a deterministic function of (seed, step), for tests and benchmarks.
+
+The iterator follows the data iterator protocol of `simvlm_jax.data` (`__next__`, `save`,
+`restore`, `counters`) so the train loop treats it like the real pipeline.
+"""
+import json
+
+import gin
+import numpy as np
+
+
+def synthetic_batch(seed: int, step: int, image_text_batch: int, image_text_length: int,
+                    text_batch: int, text_length: int, image_size: int, vocab_size: int) -> dict:
+  """Random images and EOS-terminated token rows of random length (at least 2 tokens)."""
+  rng = np.random.default_rng([seed, step])
+
+  def tokens(rows, length):
+    lengths = rng.integers(2, length + 1, size=rows)
+    out = rng.integers(3, vocab_size, size=(rows, length)).astype(np.int32)
+    pos = np.arange(length)[None]
+    out = np.where(pos < lengths[:, None] - 1, out, 0)
+    out[np.arange(rows), lengths - 1] = 1  # EOS
+    return out
+
+  images = rng.integers(0, 256, size=(image_text_batch, image_size, image_size, 3), dtype=np.uint8)
+  return {"image_text": {"images": images, "text_tokens": tokens(image_text_batch, image_text_length)},
+          "text": {"text_tokens": tokens(text_batch, text_length)}}
+
+
+@gin.configurable
+class SyntheticIterator:
+  """Endless synthetic batches; its position is the number of batches already produced.
+
+  Batch sizes are global: this process gets rows `[shard_index * B / num_shards, ...)` of each
+  sub-batch, so any number of processes together see the same global batch.
+  """
+
+  def __init__(self, image_text_batch: int = 8, image_text_length: int = 16, text_batch: int = 4,
+               text_length: int = 32, image_size: int = 32, vocab_size: int = 128, seed: int = 0,
+               shard_index: int = 0, num_shards: int = 1):
+    for name, rows in (("image_text_batch", image_text_batch), ("text_batch", text_batch)):
+      if rows % num_shards:
+        raise ValueError(f"{name}={rows} is not divisible by {num_shards} processes")
+    self.shard_index, self.num_shards = shard_index, num_shards
+    self.kwargs = dict(image_text_batch=image_text_batch, image_text_length=image_text_length,
+                       text_batch=text_batch, text_length=text_length, image_size=image_size,
+                       vocab_size=vocab_size)
+    self.seed = seed
+    self.position = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = synthetic_batch(self.seed, self.position, **self.kwargs)
+    self.position += 1
+    return {kind: {k: np.array_split(v, self.num_shards)[self.shard_index] for k, v in sub.items()}
+            for kind, sub in batch.items()}
+
+  def save(self, path: str):
+    with open(path + ".json", "w") as f:
+      json.dump({"position": self.position}, f)
+
+  def restore(self, path: str):
+    with open(path + ".json") as f:
+      self.position = json.load(f)["position"]
+
+  def counters(self) -> dict:
+    return {}

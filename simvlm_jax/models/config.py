@@ -1,0 +1,62 @@
+"""Model hyperparameters, set from gin (`gin/models/*.gin`)."""
+import dataclasses
+from typing import Sequence
+
+import gin
+import jax.numpy as jnp
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Dimensions and switches of a SimVLM model.
+
+  `architecture` is "encoder_decoder" (the paper's main model) or "decoder_only" (one stack of
+  `num_encoder_layers + num_decoder_layers` layers, bidirectional over the prefix and causal over the
+  rest, so both variants have the same depth budget).
+  """
+  vocab_size: int = 32128
+  emb_dim: int = 768
+  num_heads: int = 12
+  head_dim: int = 64
+  mlp_dim: int = 3072
+  num_encoder_layers: int = 12
+  num_decoder_layers: int = 12
+  architecture: str = "encoder_decoder"
+  max_text_len: int = 128  # size of the learned 1D text position table.
+  # Image side. Total stride of the patchifier is `patch_size`: image_size / patch_size tokens a side.
+  image_size: int = 224
+  patch_size: int = 16
+  patchifier: str = "resnet"  # or "linear": a plain strided patch projection (the ablation).
+  resnet_stem_width: int = 64
+  resnet_stage_widths: Sequence[int] = (256, 512, 1024)
+  resnet_stage_blocks: Sequence[int] = (3, 4, 6)
+  image_relative_position: bool = True  # 2D relative position bias between image tokens.
+  # Regularisation (off in pretraining; the finetuning gin files switch it on).
+  dropout_rate: float = 0.0
+  stochastic_depth_rate: float = 0.0  # conv stage and encoder (and decoder-only stack).
+  decoder_stochastic_depth_rate: float = 0.0
+  dtype: str = "float32"  # activations and matmuls; parameters stay float32.
+
+  def __post_init__(self):
+    if self.architecture not in ("encoder_decoder", "decoder_only"):
+      raise ValueError(f"architecture must be 'encoder_decoder' or 'decoder_only', got {self.architecture!r}")
+    if self.patchifier not in ("resnet", "linear"):
+      raise ValueError(f"patchifier must be 'resnet' or 'linear', got {self.patchifier!r}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    if len(self.resnet_stage_widths) != len(self.resnet_stage_blocks):
+      raise ValueError("resnet_stage_widths and resnet_stage_blocks must have the same length")
+
+  @property
+  def grid_size(self) -> int:
+    """Image tokens per side."""
+    return self.image_size // self.patch_size
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.grid_size ** 2
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)

@@ -1,0 +1,195 @@
+"""Building blocks with logical axis names on every parameter.
+
+Parameter axes: embed, mlp, heads, kv, vocab, relpos_buckets, image_pos, text_pos, conv_height,
+conv_width, conv_in, conv_out. Activation axes: batch, length, embed, mlp, heads, kv, vocab.
+`simvlm_jax/partitioning.py` maps these names to mesh axes; nothing here names a mesh axis.
+"""
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+NEG_INF = -1e10  # finite, so a row with every key masked gives a uniform softmax, not NaN.
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
+  """Annotates an activation with logical axis names (a no-op outside a mesh context)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class Dense(nn.Module):
+  """A bias-free projection `[..., *in_dims] -> [..., *features]` with named kernel axes."""
+  features: Sequence[int]
+  kernel_axes: Sequence[str]
+  in_axes: int = 1  # how many trailing input dims are contracted.
+  dtype: Any = jnp.float32
+  kernel_init: Callable = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = tuple(self.features)
+    in_shape = x.shape[-self.in_axes:]
+    kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(self._init, tuple(self.kernel_axes)),
+        tuple(in_shape) + features, jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    contract_x = tuple(range(x.ndim - self.in_axes, x.ndim))
+    contract_k = tuple(range(self.in_axes))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel, ((contract_x, contract_k), ((), ())))
+
+  def _init(self, key, shape, dtype):
+    # Fan-in is the product of the contracted dims, so reshape to 2D for the initializer.
+    fan_in = int(np.prod(shape[:self.in_axes]))
+    return self.kernel_init(key, (fan_in, int(np.prod(shape[self.in_axes:]))), dtype).reshape(shape)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, with scale and bias named `embed`."""
+  dtype: Any = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (features,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)  # statistics in fp32 even under bf16 activations.
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a whole residual branch per example. `x: [batch, ...]`."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  """GELU MLP `[batch, length, embed] -> [batch, length, embed]`."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    emb_dim = x.shape[-1]
+    h = Dense((self.mlp_dim,), ("embed", "mlp"), dtype=self.dtype, name="wi")(x)
+    h = constrain(nn.gelu(h), ("batch", "length", "mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return Dense((emb_dim,), ("mlp", "embed"), dtype=self.dtype, name="wo")(h)
+
+
+def relative_position_index(grid_size: int) -> np.ndarray:
+  """`[grid**2, grid**2]` bucket ids of the 2D offset (dy, dx) between two image tokens."""
+  coords = np.stack(np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij"), -1)
+  coords = coords.reshape(-1, 2)
+  delta = coords[:, None, :] - coords[None, :, :] + (grid_size - 1)  # in [0, 2g-2]
+  return delta[..., 0] * (2 * grid_size - 1) + delta[..., 1]
+
+
+class ImageRelativePositionBias(nn.Module):
+  """Learned 2D relative position bias among image tokens, per head.
+
+  Returns `[heads, length, length]` with the bias in the leading `grid**2 x grid**2` block (image
+  tokens come first in every sequence) and zeros elsewhere.
+  """
+  grid_size: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, length: int) -> Array:
+    num_buckets = (2 * self.grid_size - 1) ** 2
+    table = self.param("rel_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                ("relpos_buckets", "heads")),
+                       (num_buckets, self.num_heads), jnp.float32)
+    n = self.grid_size ** 2
+    bias = jnp.take(table, relative_position_index(self.grid_size), axis=0)  # [n, n, heads]
+    bias = jnp.transpose(bias, (2, 0, 1))
+    return jnp.pad(bias, ((0, 0), (0, length - n), (0, length - n)))
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention.
+
+  `q_in: [batch, q_len, embed]`, `kv_in: [batch, kv_len, embed]`, `mask: [batch, q_len, kv_len]`
+  (True = may attend), `bias: [heads, q_len, kv_len]` or None.
+  """
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_in: Array, kv_in: Array, mask: Array, bias: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    emb_dim = q_in.shape[-1]
+    proj = lambda name: Dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                              dtype=self.dtype, name=name)
+    q = proj("query")(q_in) / np.sqrt(self.head_dim).astype(self.dtype)
+    k = proj("key")(kv_in)
+    v = proj("value")(kv_in)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    k = constrain(k, ("batch", "length", "heads", "kv"))
+    v = constrain(v, ("batch", "length", "heads", "kv"))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if bias is not None:
+      logits = logits + bias[None]
+    logits = jnp.where(mask[:, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    return Dense((emb_dim,), ("heads", "kv", "embed"), in_axes=2, dtype=self.dtype, name="out")(out)
+
+
+class Embed(nn.Module):
+  """Token embedding `[batch, length] -> [batch, length, embed]`, also the tied output layer."""
+  vocab_size: int
+  emb_dim: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+        (self.vocab_size, self.emb_dim), jnp.float32)
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """Logits `[batch, length, vocab]` from `[batch, length, embed]` (scaled, as in T5 with tying)."""
+    logits = jnp.einsum("ble,ve->blv", x.astype(self.dtype), self.embedding.astype(self.dtype))
+    return logits / np.sqrt(self.emb_dim).astype(self.dtype)
+
+
+class PositionEmbedding(nn.Module):
+  """A learned 1D position table `[num_positions, embed]`, looked up by position ids."""
+  num_positions: int
+  emb_dim: int
+  axis_name: str
+
+  @nn.compact
+  def __call__(self, positions: Array) -> Array:
+    table = self.param("embedding",
+                       nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                    (self.axis_name, "embed")),
+                       (self.num_positions, self.emb_dim), jnp.float32)
+    return jnp.take(table, positions, axis=0, mode="clip")

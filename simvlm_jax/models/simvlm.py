@@ -1,0 +1,129 @@
+"""The SimVLM model: conv-stage image tokens + text tokens -> Transformer -> next-token logits.
+
+Entry points (all shapes static):
+  encode(images, prefix_tokens)      -> encoded [batch, Ti + Lp, embed], encoder_mask [batch, Ti + Lp]
+  decode(encoded, encoder_mask, decoder_input_tokens, decoder_positions) -> logits [batch, Ld, vocab]
+  __call__(...)                      -> both.
+`images` is uint8 `[batch, H, W, 3]` (normalised here, on device) or None for text-only rows, in
+which case the encoder sees only the text prefix (Ti = 0). Token id 0 is padding.
+"""
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simvlm_jax.models import conv_stage, layers, transformer
+from simvlm_jax.models.config import ModelConfig
+
+Array = jax.Array
+# ImageNet statistics: the conv stage is a ResNet and expects inputs on that scale.
+_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+class SimVLM(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    dtype = c.compute_dtype
+    self.token_embed = layers.Embed(c.vocab_size, c.emb_dim, dtype=dtype)
+    self.text_positions = layers.PositionEmbedding(c.max_text_len, c.emb_dim, "text_pos")
+    self.image_positions = layers.PositionEmbedding(c.num_image_tokens, c.emb_dim, "image_pos")
+    if c.patchifier == "resnet":
+      self.patchify = conv_stage.ResNetStage(
+          c.emb_dim, c.patch_size, c.resnet_stem_width, tuple(c.resnet_stage_widths),
+          tuple(c.resnet_stage_blocks), c.stochastic_depth_rate, dtype)
+    else:
+      self.patchify = conv_stage.LinearPatchify(c.emb_dim, c.patch_size, dtype)
+    self.embed_dropout = nn.Dropout(c.dropout_rate)
+    grid = c.grid_size if c.image_relative_position else 0
+    stack = dict(num_heads=c.num_heads, head_dim=c.head_dim, mlp_dim=c.mlp_dim,
+                 dropout_rate=c.dropout_rate, dtype=dtype)
+    if c.architecture == "encoder_decoder":
+      self.encoder = transformer.Encoder(c.num_encoder_layers, drop_path_rate=c.stochastic_depth_rate,
+                                         image_grid_size=grid, **stack)
+      self.decoder = transformer.Decoder(c.num_decoder_layers,
+                                         drop_path_rate=c.decoder_stochastic_depth_rate, **stack)
+    else:
+      self.stack = transformer.Encoder(c.num_encoder_layers + c.num_decoder_layers,
+                                       drop_path_rate=c.stochastic_depth_rate,
+                                       image_grid_size=grid, **stack)
+
+  # --- embeddings -------------------------------------------------------------------------------
+  def embed_images(self, images: Array, deterministic: bool) -> Array:
+    """uint8 `[batch, H, W, 3]` -> image tokens `[batch, Ti, embed]`."""
+    c = self.config
+    if images.shape[1:3] != (c.image_size, c.image_size):
+      raise ValueError(f"images are {images.shape[1:3]}, the model is configured for "
+                       f"{c.image_size}x{c.image_size}")
+    x = (images.astype(jnp.float32) - _MEAN) / _STD
+    x = self.patchify(x.astype(c.compute_dtype), deterministic)
+    x = x + self.image_positions(jnp.arange(c.num_image_tokens))[None].astype(x.dtype)
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+  def embed_text(self, tokens: Array, positions: Array) -> Array:
+    """`tokens, positions: [batch, length]` -> `[batch, length, embed]`."""
+    x = self.token_embed(tokens) + self.text_positions(positions).astype(self.config.compute_dtype)
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+  def _prefix_inputs(self, images: Optional[Array], prefix_tokens: Array,
+                     deterministic: bool) -> Tuple[Array, Array]:
+    """Embedded `[image tokens; prefix text]` and its validity mask `[batch, Ti + Lp]`."""
+    batch, length = prefix_tokens.shape
+    x = self.embed_text(prefix_tokens, jnp.broadcast_to(jnp.arange(length), (batch, length)))
+    mask = prefix_tokens > 0
+    if images is not None:
+      img = self.embed_images(images, deterministic)
+      x = jnp.concatenate([img, x], axis=1)
+      mask = jnp.concatenate([jnp.ones(img.shape[:2], bool), mask], axis=1)
+    return self.embed_dropout(x, deterministic=deterministic), mask
+
+  # --- encoder-decoder / decoder-only entry points ----------------------------------------------
+  def encode(self, images: Optional[Array], prefix_tokens: Array,
+             deterministic: bool = True) -> Tuple[Array, Array]:
+    """Bidirectional encoding of the prefix. For decoder-only models this only embeds it."""
+    x, mask = self._prefix_inputs(images, prefix_tokens, deterministic)
+    if self.config.architecture == "decoder_only":
+      return x, mask
+    attn_mask = jnp.broadcast_to(mask[:, None, :], (x.shape[0], x.shape[1], x.shape[1]))
+    return self.encoder(x, attn_mask, images is not None, deterministic), mask
+
+  def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
+             decoder_positions: Array, deterministic: bool = True,
+             with_image: bool = True) -> Array:
+    """Causal decoding of `decoder_input_tokens [batch, Ld]` at text positions `[batch, Ld]`.
+
+    `with_image` (decoder-only models only): the prefix starts with image tokens.
+    """
+    y = self.embed_text(decoder_input_tokens, decoder_positions)
+    y = self.embed_dropout(y, deterministic=deterministic)
+    batch, dec_len = decoder_input_tokens.shape
+    causal = jnp.tril(jnp.ones((dec_len, dec_len), bool))
+    if self.config.architecture == "encoder_decoder":
+      self_mask = jnp.broadcast_to(causal, (batch, dec_len, dec_len))
+      cross_mask = jnp.broadcast_to(encoder_mask[:, None, :], (batch, dec_len, encoder_mask.shape[1]))
+      y = self.decoder(y, encoded, self_mask, cross_mask, deterministic)
+    else:
+      y = self._decoder_only(encoded, encoder_mask, y, causal, with_image, deterministic)
+    logits = self.token_embed.attend(y)
+    return layers.constrain(logits, ("batch", "length", "vocab"))
+
+  def _decoder_only(self, prefix, prefix_mask, y, causal, with_image, deterministic):
+    """One stack over `[prefix; decoder]`: prefix keys visible to all, decoder keys causally."""
+    batch, p_len = prefix_mask.shape
+    d_len = y.shape[1]
+    prefix_keys = jnp.broadcast_to(prefix_mask[:, None, :], (batch, p_len + d_len, p_len))
+    dec_keys = jnp.concatenate([jnp.zeros((p_len, d_len), bool), causal], axis=0)
+    mask = jnp.concatenate([prefix_keys, jnp.broadcast_to(dec_keys, (batch,) + dec_keys.shape)], -1)
+    out = self.stack(jnp.concatenate([prefix, y], axis=1), mask, with_image, deterministic)
+    return out[:, p_len:]
+
+  def __call__(self, images: Optional[Array], prefix_tokens: Array, decoder_input_tokens: Array,
+               decoder_positions: Array, deterministic: bool = True) -> Array:
+    """Teacher-forced logits `[batch, Ld, vocab]`."""
+    encoded, mask = self.encode(images, prefix_tokens, deterministic)
+    return self.decode(encoded, mask, decoder_input_tokens, decoder_positions, deterministic,
+                       with_image=images is not None)

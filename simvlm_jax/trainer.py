@@ -1,0 +1,204 @@
+"""The pure train and eval steps, the optimizer, and sharded train state creation.
+
+A batch (see `simvlm_jax/data`) holds two sub-batches with their own static shapes:
+  image_text: images uint8 [B_it, H, W, 3], text_tokens int32 [B_it, L_it]
+  text:       text_tokens int32 [B_t, L_t]
+The objective splits every row on device from (seed, step, example index), so the batch at step s
+and every random draw of step s are functions of (seed, s).
+"""
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from simvlm_jax import objectives
+from simvlm_jax.models import ModelConfig, SimVLM
+from simvlm_jax.partitioning import Partitioner
+
+Array = jax.Array
+Metrics = Dict[str, Array]
+DROPOUT_STREAM = 2 ** 31 - 1  # fold-in id of the dropout key; row ids never reach it.
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+
+
+@gin.configurable
+def learning_rate_schedule(total_steps: int, peak_learning_rate: float = 5e-4,
+                           warmup_fraction: float = 0.02, end_fraction: float = 0.0,
+                           decay: str = "linear") -> optax.Schedule:
+  """Linear warmup over `warmup_fraction` of the steps, then linear or cosine decay."""
+  warmup = max(int(total_steps * warmup_fraction), 1)
+  decay_steps = max(total_steps - warmup, 1)
+  end = peak_learning_rate * end_fraction
+  if decay == "linear":
+    tail = optax.linear_schedule(peak_learning_rate, end, decay_steps)
+  elif decay == "cosine":
+    tail = optax.cosine_decay_schedule(peak_learning_rate, decay_steps, alpha=end_fraction)
+  else:
+    raise ValueError(f"decay must be 'linear' or 'cosine', got {decay!r}")
+  return optax.join_schedules([optax.linear_schedule(0.0, peak_learning_rate, warmup), tail],
+                              [warmup])
+
+
+def _decay_mask(params):
+  # No weight decay on norms, biases and other vectors.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+@gin.configurable
+def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.999,
+                   weight_decay: float = 0.01, clip_norm: Optional[float] = 1.0,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """AdamW with global-norm gradient clipping (the paper's betas and decay)."""
+  chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*chain)
+
+
+def dummy_batch(config: ModelConfig, it_batch: int, it_len: int, txt_batch: int, txt_len: int):
+  """A zero batch with the given static shapes (for initialisation and shape inference)."""
+  z = lambda *s: jnp.zeros(s, jnp.int32)
+  return {"image_text": {"images": jnp.zeros((it_batch, config.image_size, config.image_size, 3),
+                                             jnp.uint8),
+                         "text_tokens": z(it_batch, it_len)},
+          "text": {"text_tokens": z(txt_batch, txt_len)}}
+
+
+def split_batch(batch: Any, seed: int, step: Array, objective: Callable) -> Dict[str, dict]:
+  """Applies the objective to both sub-batches; rows are indexed image-text first, then text."""
+  out = {}
+  offset = 0
+  for kind in ("image_text", "text"):
+    tokens = batch[kind]["text_tokens"]
+    rows = tokens.shape[0]
+    if rows:
+      keys = objectives.row_keys(seed, step, offset + jnp.arange(rows))
+      out[kind] = objective(tokens, keys, with_image=(kind == "image_text"))
+      if kind == "image_text":
+        out[kind]["images"] = batch[kind]["images"]
+    offset += rows
+  return out
+
+
+def token_losses(model: SimVLM, params, split: dict, rng: Optional[Array]) -> Tuple[Array, Array]:
+  """Per-token cross-entropy and correctness `[batch, length]` for one split sub-batch."""
+  logits = model.apply({"params": params}, split.get("images"), split["prefix_tokens"],
+                       split["decoder_input_tokens"], split["decoder_positions"],
+                       deterministic=rng is None, rngs={"dropout": rng} if rng is not None else None)
+  logits = logits.astype(jnp.float32)
+  targets = split["decoder_target_tokens"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return loss, correct
+
+
+def _sums(model, params, splits, rng) -> Dict[str, Array]:
+  """Summed loss, correct predictions and target count over both row kinds."""
+  sums = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+  for i, (kind, split) in enumerate(sorted(splits.items())):
+    sub_rng = None if rng is None else jax.random.fold_in(rng, i)
+    loss, correct = token_losses(model, params, split, sub_rng)
+    w = split["loss_weights"]
+    sums["loss_sum"] += jnp.sum(loss * w)
+    sums["correct_sum"] += jnp.sum(correct * w)
+    sums["weight_sum"] += jnp.sum(w)
+    sums[f"{kind}/loss_sum"] = jnp.sum(loss * w)
+    sums[f"{kind}/weight_sum"] = jnp.sum(w)
+  return sums
+
+
+def train_step(state: TrainState, batch: Any, *, model: SimVLM, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, objective: Callable, seed: int) -> Tuple[TrainState, Metrics]:
+  """One optimizer step. Loss = mean cross-entropy over all real target tokens of both row kinds."""
+  splits = split_batch(batch, seed, state.step, objective)
+  step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+  dropout_rng = jax.random.fold_in(step_key, DROPOUT_STREAM)
+
+  def loss_fn(params):
+    sums = _sums(model, params, splits, dropout_rng)
+    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
+
+  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  denom = jnp.maximum(sums["weight_sum"], 1.0)
+  metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+             "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+             "target_tokens": sums["weight_sum"]}
+  for kind in splits:
+    metrics[f"{kind}/loss"] = sums[f"{kind}/loss_sum"] / jnp.maximum(sums[f"{kind}/weight_sum"], 1.)
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params, batch: Any, *, model: SimVLM, objective: Callable, seed: int) -> Metrics:
+  """Summed teacher-forced loss/accuracy (deterministic; split drawn at a fixed step 0)."""
+  splits = split_batch(batch, seed, jnp.zeros((), jnp.int32), objective)
+  return _sums(model, params, splits, None)
+
+
+class Trainer:
+  """Builds sharded state and the jitted, donated train/eval steps for one model and mesh."""
+
+  def __init__(self, config: ModelConfig, partitioner: Partitioner, total_steps: int,
+               objective: Callable = objectives.prefix_lm, seed: int = 0):
+    self.config = config
+    self.model = SimVLM(config)
+    self.partitioner = partitioner
+    self.seed = seed
+    self.schedule = learning_rate_schedule(total_steps)
+    self.tx = make_optimizer(self.schedule)
+    self.objective = objective
+    self.state_shardings = self.partitioner.shardings_for(self._abstract_boxed_state())
+    step_fn = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
+                                objective=objective, seed=seed)
+    data = partitioner.data_sharding
+    self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, data),
+                               out_shardings=(self.state_shardings, partitioner.replicated),
+                               donate_argnums=(0,))
+    eval_fn = functools.partial(eval_step, model=self.model, objective=objective, seed=seed)
+    self._eval_step = jax.jit(eval_fn, in_shardings=(self.state_shardings.params, data),
+                              out_shardings=partitioner.replicated)
+
+  def _init_boxed(self, rng):
+    batch = dummy_batch(self.config, 1, 4, 1, 4)["image_text"]
+    tokens = batch["text_tokens"]
+    variables = self.model.init(rng, batch["images"], tokens, tokens, tokens)
+    params = variables["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+  def _abstract_boxed_state(self):
+    with self.partitioner.activate():
+      return jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+
+  @property
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs carrying the target shardings (for restoring a checkpoint)."""
+    shapes = nn.meta.unbox(self._abstract_boxed_state())
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
+
+  def init_state(self) -> TrainState:
+    """Initial state, created directly in its sharded layout (never whole on one device)."""
+    init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)),
+                   out_shardings=self.state_shardings)
+    with self.partitioner.activate():
+      return init(jax.random.PRNGKey(self.seed))
+
+  def train_step(self, state: TrainState, global_batch: Any) -> Tuple[TrainState, Metrics]:
+    with self.partitioner.activate():
+      return self._train_step(state, global_batch)
+
+  def eval_step(self, params, global_batch: Any) -> Metrics:
+    with self.partitioner.activate():
+      return self._eval_step(params, global_batch)
