@@ -1,0 +1,30 @@
+"""Shared test set-up: 8 forced CPU devices, and a tiny, fast ModelConfig factory."""
+import os
+
+# Before jax is imported anywhere: the sharding tests need 8 (CPU) devices.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+from simvlm_jax.models.config import ModelConfig  # noqa: E402
+
+# Every field is given explicitly, so gin bindings left behind by another test cannot leak in.
+TINY = dict(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=2,
+            num_decoder_layers=2, architecture="encoder_decoder", max_text_len=32, image_size=32,
+            patch_size=8, patchifier="resnet", resnet_stem_width=8, resnet_stage_widths=(16, 32),
+            resnet_stage_blocks=(1, 1), image_relative_position=True, dropout_rate=0.0,
+            stochastic_depth_rate=0.0, decoder_stochastic_depth_rate=0.0, dtype="float32")
+
+
+def make_tiny_config(**overrides) -> ModelConfig:
+  unknown = set(overrides) - set(TINY)
+  if unknown:
+    raise TypeError(f"unknown ModelConfig fields {sorted(unknown)}")
+  return ModelConfig(**{**TINY, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """`tiny_config(**overrides) -> ModelConfig`: emb 32, 4x8 heads, mlp 64, 2+2 layers, 32px images."""
+  return make_tiny_config
