@@ -4,7 +4,7 @@ Parameter axes: embed, mlp, heads, kv, vocab, relpos_buckets, image_pos, text_po
 conv_width, conv_in, conv_out. Activation axes: batch, length, embed, mlp, heads, kv, vocab.
 `simvlm_jax/partitioning.py` maps these names to mesh axes; nothing here names a mesh axis.
 """
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -107,14 +107,14 @@ def relative_position_index(grid_size: int) -> np.ndarray:
 class ImageRelativePositionBias(nn.Module):
   """Learned 2D relative position bias among image tokens, per head.
 
-  Returns `[heads, length, length]` with the bias in the leading `grid**2 x grid**2` block (image
+  Returns `[heads, q_len, kv_len]` with the bias in the leading `grid**2 x grid**2` block (image
   tokens come first in every sequence) and zeros elsewhere.
   """
   grid_size: int
   num_heads: int
 
   @nn.compact
-  def __call__(self, length: int) -> Array:
+  def __call__(self, q_len: int, kv_len: int) -> Array:
     num_buckets = (2 * self.grid_size - 1) ** 2
     table = self.param("rel_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                 ("relpos_buckets", "heads")),
@@ -122,14 +122,21 @@ class ImageRelativePositionBias(nn.Module):
     n = self.grid_size ** 2
     bias = jnp.take(table, relative_position_index(self.grid_size), axis=0)  # [n, n, heads]
     bias = jnp.transpose(bias, (2, 0, 1))
-    return jnp.pad(bias, ((0, 0), (0, length - n), (0, length - n)))
+    return jnp.pad(bias, ((0, 0), (0, q_len - n), (0, kv_len - n)))
 
 
 class MultiHeadAttention(nn.Module):
-  """Multi-head dot-product attention.
+  """Multi-head dot-product attention, with a key/value cache for step-by-step decoding.
 
   `q_in: [batch, q_len, embed]`, `kv_in: [batch, kv_len, embed]`, `mask: [batch, q_len, kv_len]`
   (True = may attend), `bias: [heads, q_len, kv_len]` or None.
+
+  Cache modes (the 'cache' collection, created by the first call with `mutable=['cache']`):
+    "self":  keys/values of `kv_in` are written at `cache_index` into a `[batch, cache_length,
+             heads, kv]` buffer and the queries attend over the whole buffer; `mask` then covers
+             the buffer, `[batch, q_len, cache_length]`.
+    "cross": keys/values of `kv_in` (the encoder output) are projected on the first call only and
+             reused by every later step.
   """
   num_heads: int
   head_dim: int
@@ -138,25 +145,47 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, q_in: Array, kv_in: Array, mask: Array, bias: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, cache: Optional[str] = None,
+               cache_length: int = 0) -> Array:
     emb_dim = q_in.shape[-1]
     proj = lambda name: Dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
                               dtype=self.dtype, name=name)
     q = proj("query")(q_in) / np.sqrt(self.head_dim).astype(self.dtype)
-    k = proj("key")(kv_in)
-    v = proj("value")(kv_in)
     q = constrain(q, ("batch", "length", "heads", "kv"))
+    key_proj, value_proj = proj("key"), proj("value")
+    if cache == "cross":
+      k = self.variable("cache", "cross_key", lambda: key_proj(kv_in)).value
+      v = self.variable("cache", "cross_value", lambda: value_proj(kv_in)).value
+    else:
+      k, v = key_proj(kv_in), value_proj(kv_in)
+    if cache == "self":
+      k, v = self._update_cache(k, v, cache_length)
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     if bias is not None:
       logits = logits + bias[None]
     logits = jnp.where(mask[:, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # A query with every key masked (e.g. cross-attention to an empty text-only prefix) would get a
+    # uniform average over padding; zero it instead, so padding never contributes.
+    probs = jnp.where(mask[:, None], probs, 0.0).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     return Dense((emb_dim,), ("heads", "kv", "embed"), in_axes=2, dtype=self.dtype, name="out")(out)
+
+  def _update_cache(self, k: Array, v: Array, cache_length: int) -> Tuple[Array, Array]:
+    """Writes `k, v: [batch, q_len, heads, kv]` at the cache index; returns the full buffers."""
+    shape = (k.shape[0], cache_length) + k.shape[2:]
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    start = (0, index.value, 0, 0)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
+    index.value = index.value + k.shape[1]
+    return cached_k.value, cached_v.value
 
 
 class Embed(nn.Module):

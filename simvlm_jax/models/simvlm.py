@@ -92,24 +92,53 @@ class SimVLM(nn.Module):
     return self.encoder(x, attn_mask, images is not None, deterministic), mask
 
   def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
-             decoder_positions: Array, deterministic: bool = True,
-             with_image: bool = True) -> Array:
+             decoder_positions: Array, deterministic: bool = True, with_image: bool = True,
+             decode_length: int = 0, decode_step: Optional[Array] = None) -> Array:
     """Causal decoding of `decoder_input_tokens [batch, Ld]` at text positions `[batch, Ld]`.
 
-    `with_image` (decoder-only models only): the prefix starts with image tokens.
+    Teacher forcing when `decode_length == 0`. Otherwise one chunk of cached decoding (apply with
+    `mutable=['cache']`): the tokens are decoder steps `decode_step, decode_step + 1, ...` of at
+    most `decode_length`, keys/values are cached, and cross-attention keys/values are projected
+    from `encoded` on the first step only. `with_image` (decoder-only teacher forcing): the prefix
+    starts with image tokens.
     """
     y = self.embed_text(decoder_input_tokens, decoder_positions)
     y = self.embed_dropout(y, deterministic=deterministic)
     batch, dec_len = decoder_input_tokens.shape
-    causal = jnp.tril(jnp.ones((dec_len, dec_len), bool))
+    enc_len = encoder_mask.shape[1]
+    if decode_length:
+      # Query i (step decode_step + i) sees decoder keys up to itself, over the whole cache.
+      query_steps = decode_step + jnp.arange(dec_len)
+      causal = jnp.arange(decode_length)[None, :] <= query_steps[:, None]
+    else:
+      causal = jnp.tril(jnp.ones((dec_len, dec_len), bool))
     if self.config.architecture == "encoder_decoder":
-      self_mask = jnp.broadcast_to(causal, (batch, dec_len, dec_len))
-      cross_mask = jnp.broadcast_to(encoder_mask[:, None, :], (batch, dec_len, encoder_mask.shape[1]))
-      y = self.decoder(y, encoded, self_mask, cross_mask, deterministic)
+      self_mask = jnp.broadcast_to(causal, (batch,) + causal.shape)
+      cross_mask = jnp.broadcast_to(encoder_mask[:, None, :], (batch, dec_len, enc_len))
+      y = self.decoder(y, encoded, self_mask, cross_mask, deterministic, decode_length)
+    elif decode_length:
+      prefix_keys = jnp.broadcast_to(encoder_mask[:, None, :], (batch, dec_len, enc_len))
+      mask = jnp.concatenate([prefix_keys, jnp.broadcast_to(causal, (batch,) + causal.shape)], -1)
+      y = self.stack(y, mask, False, deterministic, enc_len + decode_length)
     else:
       y = self._decoder_only(encoded, encoder_mask, y, causal, with_image, deterministic)
     logits = self.token_embed.attend(y)
     return layers.constrain(logits, ("batch", "length", "vocab"))
+
+  def prefill(self, images: Optional[Array], prefix_tokens: Array,
+              decode_length: int) -> Tuple[Array, Array]:
+    """Starts cached decoding (apply with `mutable=['cache']`): encodes the prefix once.
+
+    Decoder-only models also run their stack over the prefix here, filling the first `Ti + Lp`
+    slots of each layer's cache (of length `Ti + Lp + decode_length`).
+    """
+    encoded, mask = self.encode(images, prefix_tokens)
+    if self.config.architecture == "decoder_only":
+      batch, p_len = mask.shape
+      keys = jnp.concatenate([mask, jnp.zeros((batch, decode_length), bool)], axis=1)
+      attn_mask = jnp.broadcast_to(keys[:, None, :], (batch, p_len, p_len + decode_length))
+      self.stack(encoded, attn_mask, images is not None, True, p_len + decode_length)
+    return encoded, mask
 
   def _decoder_only(self, prefix, prefix_mask, y, causal, with_image, deterministic):
     """One stack over `[prefix; decoder]`: prefix keys visible to all, decoder keys causally."""

@@ -24,17 +24,25 @@ class EncoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, with_image: bool, deterministic: bool) -> Array:
-    """`with_image`: the sequence starts with `image_grid_size**2` image tokens."""
+  def __call__(self, x: Array, mask: Array, with_image: bool, deterministic: bool,
+               cache_length: int = 0) -> Array:
+    """`with_image`: the queries start with `image_grid_size**2` image tokens.
+
+    `cache_length > 0` (decoder-only decoding): keys/values go to a self-attention cache of that
+    length and `mask` is `[batch, q_len, cache_length]`.
+    """
     bias = None
     if self.image_grid_size and with_image:
       bias = layers.ImageRelativePositionBias(self.image_grid_size, self.num_heads,
-                                              name="image_relpos")(x.shape[1])
+                                              name="image_relpos")(x.shape[1], mask.shape[-1])
     drop = lambda y: layers.DropPath(self.drop_path_rate)(
         nn.Dropout(self.dropout_rate)(y, deterministic=deterministic), deterministic)
     h = layers.LayerNorm(dtype=self.dtype, name="pre_attention_norm")(x)
     h = layers.MultiHeadAttention(self.num_heads, self.head_dim, self.dropout_rate, self.dtype,
-                                  name="self_attention")(h, h, mask, bias, deterministic)
+                                  name="self_attention")(
+                                      h, h, mask, bias, deterministic,
+                                      cache="self" if cache_length else None,
+                                      cache_length=cache_length)
     x = x + drop(h)
     h = layers.LayerNorm(dtype=self.dtype, name="pre_mlp_norm")(x)
     h = layers.MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(h, deterministic)
@@ -53,15 +61,21 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
-               deterministic: bool) -> Array:
+               deterministic: bool, cache_length: int = 0) -> Array:
+    """`cache_length > 0`: decode with caches (self-attention of that length, cross-attention
+    keys/values projected once); `self_mask` is then `[batch, q_len, cache_length]`."""
+    decode = cache_length > 0
     drop = lambda z: layers.DropPath(self.drop_path_rate)(
         nn.Dropout(self.dropout_rate)(z, deterministic=deterministic), deterministic)
     attn = lambda name: layers.MultiHeadAttention(self.num_heads, self.head_dim, self.dropout_rate,
                                                   self.dtype, name=name)
     h = layers.LayerNorm(dtype=self.dtype, name="pre_self_attention_norm")(y)
-    y = y + drop(attn("self_attention")(h, h, self_mask, None, deterministic))
+    y = y + drop(attn("self_attention")(h, h, self_mask, None, deterministic,
+                                        cache="self" if decode else None,
+                                        cache_length=cache_length))
     h = layers.LayerNorm(dtype=self.dtype, name="pre_cross_attention_norm")(y)
-    y = y + drop(attn("encoder_decoder_attention")(h, encoded, cross_mask, None, deterministic))
+    y = y + drop(attn("encoder_decoder_attention")(h, encoded, cross_mask, None, deterministic,
+                                                   cache="cross" if decode else None))
     h = layers.LayerNorm(dtype=self.dtype, name="pre_mlp_norm")(y)
     y = y + drop(layers.MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(
         h, deterministic))
@@ -85,11 +99,12 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, with_image: bool, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, with_image: bool, deterministic: bool,
+               cache_length: int = 0) -> Array:
     for i, rate in enumerate(_drop_path_rates(self.drop_path_rate, self.num_layers)):
       x = EncoderLayer(self.num_heads, self.head_dim, self.mlp_dim, self.dropout_rate, rate,
                        self.image_grid_size, self.dtype, name=f"layer_{i}")(
-                           x, mask, with_image, deterministic)
+                           x, mask, with_image, deterministic, cache_length)
     return layers.LayerNorm(dtype=self.dtype, name="final_norm")(x)
 
 
@@ -105,9 +120,9 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
-               deterministic: bool) -> Array:
+               deterministic: bool, cache_length: int = 0) -> Array:
     for i, rate in enumerate(_drop_path_rates(self.drop_path_rate, self.num_layers)):
       y = DecoderLayer(self.num_heads, self.head_dim, self.mlp_dim, self.dropout_rate, rate,
                        self.dtype, name=f"layer_{i}")(y, encoded, self_mask, cross_mask,
-                                                      deterministic)
+                                                      deterministic, cache_length)
     return layers.LayerNorm(dtype=self.dtype, name="final_norm")(y)

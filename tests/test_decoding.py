@@ -1,0 +1,148 @@
+"""Decoding: the cache matches the full forward pass; greedy, beam search and sampling are right."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simvlm_jax import decoding
+from simvlm_jax.models import SimVLM
+
+ARCHS = ["encoder_decoder", "decoder_only"]
+
+
+def _setup(tiny_config, arch, vocab=64, batch=2):
+  config = tiny_config(architecture=arch, vocab_size=vocab)
+  model = SimVLM(config)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3)), jnp.uint8)
+  prompt = jnp.array([[2, 3, 4, 0], [4, 3, 0, 0]][:batch], jnp.int32)
+  params = model.init(jax.random.PRNGKey(1), images, prompt, prompt, prompt)["params"]
+  return model, params, images, prompt
+
+
+def _teacher_forced_logits(model, params, images, prompt, tokens):
+  """Full-sequence logits `[batch, L, vocab]` for decoder outputs `tokens`."""
+  length = tokens.shape[1]
+  dec_in = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+  positions = jnp.sum(prompt > 0, 1)[:, None] + jnp.arange(length)[None]
+  return model.apply({"params": params}, images, prompt, dec_in, positions)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_steps_equal_full_forward(tiny_config, arch):
+  model, params, images, prompt = _setup(tiny_config, arch)
+  length = 7
+  tokens = jnp.asarray(np.random.default_rng(2).integers(2, 64, (2, length)), jnp.int32)
+  full = _teacher_forced_logits(model, params, images, prompt, tokens)
+  encoded, mask, cache = decoding._prefill(model, params, images, prompt, length)
+  start = decoding._positions(prompt)
+  token = jnp.zeros(2, jnp.int32)
+  for step in range(length):
+    logits, cache = decoding._apply_step(model, params, cache, encoded, mask, token, start + step,
+                                         jnp.int32(step), length)
+    np.testing.assert_allclose(logits, full[:, step], atol=1e-5, err_msg=f"step {step}")
+    token = tokens[:, step]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_is_argmax_of_teacher_forcing(tiny_config, arch):
+  model, params, images, prompt = _setup(tiny_config, arch)
+  out = jax.jit(lambda p: decoding.sample_or_greedy(model, p, images, prompt, 6))(params)
+  logits = np.array(_teacher_forced_logits(model, params, images, prompt, out.tokens))
+  logits[..., 0] = -np.inf
+  expected = np.argmax(logits, -1)
+  for row in range(2):
+    toks = np.array(out.tokens[row])
+    n = (list(toks).index(1) + 1) if 1 in toks else len(toks)
+    np.testing.assert_array_equal(toks[:n], expected[row, :n])
+    assert not toks[n:].any()
+    logp = jax.nn.log_softmax(jnp.asarray(logits[row]))
+    np.testing.assert_allclose(out.scores[row], sum(logp[i, toks[i]] for i in range(n)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_beam_size_one_equals_greedy(tiny_config, arch):
+  model, params, images, prompt = _setup(tiny_config, arch)
+  greedy = decoding.sample_or_greedy(model, params, images, prompt, 6)
+  beam = decoding.beam_search(model, params, images, prompt, 6, beam_size=1, alpha=0.0)
+  np.testing.assert_array_equal(beam.tokens[:, 0], greedy.tokens)
+  np.testing.assert_allclose(beam.scores[:, 0], greedy.scores, rtol=1e-5)
+
+
+def _brute_force_best(model, params, images, prompt, vocab, length, alpha):
+  """Scores every sequence that ends in EOS or reaches `length` and returns the best per row."""
+  seqs = [list(body) + [last] for n in range(1, length + 1)
+          for body in itertools.product(range(2, vocab), repeat=n - 1)
+          for last in ([1] if n < length else range(1, vocab))]
+  tokens = jnp.asarray([s + [0] * (length - len(s)) for s in seqs], jnp.int32)
+  best = []
+  for row in range(prompt.shape[0]):
+    rep = lambda x: jnp.repeat(x[row:row + 1], len(seqs), axis=0)
+    logits = _teacher_forced_logits(model, params, rep(images), rep(prompt), tokens)
+    logp = jax.nn.log_softmax(logits.at[..., 0].set(-1e9))
+    scores = [float(sum(logp[i, t, s[t]] for t in range(len(s))))
+              / float(decoding.length_penalty(len(s), alpha)) for i, s in enumerate(seqs)]
+    best.append((max(scores), seqs[int(np.argmax(scores))]))
+  return best
+
+
+def test_beam_search_finds_brute_force_best(tiny_config):
+  vocab, length, alpha = 5, 3, 0.6
+  model, params, images, prompt = _setup(tiny_config, "encoder_decoder", vocab=vocab)
+  # With as many beams as live prefixes ((vocab - 2) ** (length - 1)), beam search is exhaustive.
+  out = decoding.beam_search(model, params, images, prompt, length, beam_size=9, alpha=alpha)
+  for row, (score, seq) in enumerate(_brute_force_best(model, params, images, prompt, vocab,
+                                                       length, alpha)):
+    np.testing.assert_allclose(out.scores[row, 0], score, rtol=1e-5)
+    np.testing.assert_array_equal(out.tokens[row, 0, :len(seq)], seq)
+    assert np.all(np.diff(np.array(out.scores[row])) <= 1e-6)  # best first
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_batch_padding_does_not_change_rows(tiny_config, method):
+  model, params, images, prompt = _setup(tiny_config, "encoder_decoder")
+  fn = decoding.make_decode_fn(model, method=method, max_decode_length=6, beam_size=3)
+  alone = fn(params, images[:1], prompt[:1, :3])  # row 0, shorter static prompt length
+  padded = fn(params, jnp.concatenate([images, images[:1]]),
+              jnp.pad(jnp.concatenate([prompt, prompt[:1]]), ((0, 0), (0, 4))))
+  np.testing.assert_array_equal(padded.tokens[0], alone.tokens[0])
+  np.testing.assert_array_equal(padded.tokens[2], alone.tokens[0])
+  np.testing.assert_allclose(padded.scores[0], alone.scores[0], rtol=1e-5)
+
+
+def test_forced_decoder_prefix_is_followed_and_stripped(tiny_config):
+  model, params, images, prompt = _setup(tiny_config, "encoder_decoder")
+  forced = jnp.array([[11, 12, 0], [13, 0, 0]], jnp.int32)
+  out = decoding.sample_or_greedy(model, params, images, prompt, 6, forced_tokens=forced)
+  free = _teacher_forced_logits(model, params, images, prompt,
+                                jnp.array([[11, 12] + list(out.tokens[0, :4]),
+                                           [13] + list(out.tokens[1, :5])], jnp.int32))
+  free = np.array(free)
+  free[..., 0] = -np.inf
+  assert int(out.tokens[0, 0]) == int(np.argmax(free[0, 2]))  # continues after the forced part
+  assert int(out.tokens[1, 0]) == int(np.argmax(free[1, 1]))
+
+
+def test_sampling_needs_key_and_respects_top_k(tiny_config):
+  model, params, images, prompt = _setup(tiny_config, "encoder_decoder")
+  fn = decoding.make_decode_fn(model, method="sample", max_decode_length=5, top_k=1)
+  with pytest.raises(ValueError, match="PRNG"):
+    fn(params, images, prompt)
+  greedy = decoding.sample_or_greedy(model, params, images, prompt, 5)
+  sampled = fn(params, images, prompt, rng=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(sampled.tokens, greedy.tokens)  # top-1 sampling is greedy
+  hot = decoding.make_decode_fn(model, method="sample", max_decode_length=5, temperature=5.0)
+  a = hot(params, images, prompt, rng=jax.random.PRNGKey(0)).tokens
+  b = hot(params, images, prompt, rng=jax.random.PRNGKey(1)).tokens
+  assert not np.array_equal(a, b)
+  np.testing.assert_array_equal(a, hot(params, images, prompt, rng=jax.random.PRNGKey(0)).tokens)
+
+
+def test_filter_logits_top_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = decoding.filter_logits(logits, top_p=0.8) > decoding.NEG_INF / 2
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  kept = decoding.filter_logits(logits, top_k=3) > decoding.NEG_INF / 2
+  np.testing.assert_array_equal(kept, [[True, True, True, False]])
