@@ -1,5 +1,6 @@
 """Command-line gin handling shared by train, eval and predict (t5x's `--gin.KEY=VALUE` style)."""
 import importlib
+import logging as std_logging
 import os
 import sys
 from typing import List, Sequence
@@ -32,12 +33,11 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     gin.add_config_file_search_path(path)
   # gin logs an error for every search path that misses before one hits; only real failures
   # (which raise) matter here.
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.FATAL)
+  std_logging.disable(std_logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
   finally:
-    logging.set_verbosity(verbosity)
+    std_logging.disable(std_logging.NOTSET)
 
 
 def main_argv() -> List[str]:
