@@ -3,7 +3,12 @@ import dataclasses
 from typing import Sequence
 
 import gin
+import jax
 import jax.numpy as jnp
+
+# What a rematerialised layer keeps from the forward pass (None: nothing, recompute everything).
+REMAT_POLICIES = {"none": None, "full": None,
+                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @gin.configurable
@@ -36,7 +41,9 @@ class ModelConfig:
   dropout_rate: float = 0.0
   stochastic_depth_rate: float = 0.0  # conv stage and encoder (and decoder-only stack).
   decoder_stochastic_depth_rate: float = 0.0
-  dtype: str = "float32"  # activations and matmuls; parameters stay float32.
+  dtype: str = "float32"  # activations and matmuls ("bfloat16"); parameters stay float32.
+  attention: str = "plain"  # or "fused": jax.nn.dot_product_attention (cuDNN flash on GPU).
+  remat: str = "none"  # rematerialise each layer: "none", "full" or "dots_saveable".
 
   def __post_init__(self):
     if self.architecture not in ("encoder_decoder", "decoder_only"):
@@ -45,6 +52,10 @@ class ModelConfig:
       raise ValueError(f"patchifier must be 'resnet' or 'linear', got {self.patchifier!r}")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    if self.attention not in ("plain", "fused"):
+      raise ValueError(f"attention must be 'plain' or 'fused', got {self.attention!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     if len(self.resnet_stage_widths) != len(self.resnet_stage_blocks):
       raise ValueError("resnet_stage_widths and resnet_stage_blocks must have the same length")
 

@@ -137,11 +137,16 @@ class MultiHeadAttention(nn.Module):
              the buffer, `[batch, q_len, cache_length]`.
     "cross": keys/values of `kv_in` (the encoder output) are projected on the first call only and
              reused by every later step.
+
+  `implementation`: "plain" (einsum + softmax) or "fused" (`jax.nn.dot_product_attention`: cuDNN
+  flash attention on GPU where the shapes allow, XLA elsewhere). Attention dropout needs the plain
+  path, so "fused" falls back to it while dropout is active.
   """
   num_heads: int
   head_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  implementation: str = "plain"
 
   @nn.compact
   def __call__(self, q_in: Array, kv_in: Array, mask: Array, bias: Optional[Array] = None,
@@ -162,16 +167,22 @@ class MultiHeadAttention(nn.Module):
       k, v = self._update_cache(k, v, cache_length)
     k = constrain(k, ("batch", "length", "heads", "kv"))
     v = constrain(v, ("batch", "length", "heads", "kv"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if bias is not None:
-      logits = logits + bias[None]
-    logits = jnp.where(mask[:, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
-    # A query with every key masked (e.g. cross-attention to an empty text-only prefix) would get a
-    # uniform average over padding; zero it instead, so padding never contributes.
-    probs = jnp.where(mask[:, None], probs, 0.0).astype(self.dtype)
-    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if self.implementation == "fused" and (deterministic or self.dropout_rate == 0.0):
+      out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None],
+                                         mask=mask[:, None], scale=1.0)
+      # As below: a query with no valid key reads nothing (the fused kernel would average).
+      out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(self.dtype)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      if bias is not None:
+        logits = logits + bias[None]
+      logits = jnp.where(mask[:, None], logits, NEG_INF)
+      probs = jax.nn.softmax(logits, axis=-1)
+      # A query with every key masked (e.g. cross-attention to an empty text-only prefix) would
+      # get a uniform average over padding; zero it instead, so padding never contributes.
+      probs = jnp.where(mask[:, None], probs, 0.0).astype(self.dtype)
+      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     return Dense((emb_dim,), ("heads", "kv", "embed"), in_axes=2, dtype=self.dtype, name="out")(out)
 

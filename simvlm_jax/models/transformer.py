@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from simvlm_jax.models import layers
+from simvlm_jax.models.config import REMAT_POLICIES
 
 Array = jax.Array
 
@@ -22,6 +23,7 @@ class EncoderLayer(nn.Module):
   drop_path_rate: float = 0.0
   image_grid_size: int = 0  # > 0: learn a 2D relative position bias among the image tokens.
   dtype: Any = jnp.float32
+  attention: str = "plain"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, with_image: bool, deterministic: bool,
@@ -39,7 +41,7 @@ class EncoderLayer(nn.Module):
         nn.Dropout(self.dropout_rate)(y, deterministic=deterministic), deterministic)
     h = layers.LayerNorm(dtype=self.dtype, name="pre_attention_norm")(x)
     h = layers.MultiHeadAttention(self.num_heads, self.head_dim, self.dropout_rate, self.dtype,
-                                  name="self_attention")(
+                                  self.attention, name="self_attention")(
                                       h, h, mask, bias, deterministic,
                                       cache="self" if cache_length else None,
                                       cache_length=cache_length)
@@ -58,6 +60,7 @@ class DecoderLayer(nn.Module):
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention: str = "plain"
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
@@ -68,7 +71,7 @@ class DecoderLayer(nn.Module):
     drop = lambda z: layers.DropPath(self.drop_path_rate)(
         nn.Dropout(self.dropout_rate)(z, deterministic=deterministic), deterministic)
     attn = lambda name: layers.MultiHeadAttention(self.num_heads, self.head_dim, self.dropout_rate,
-                                                  self.dtype, name=name)
+                                                  self.dtype, self.attention, name=name)
     h = layers.LayerNorm(dtype=self.dtype, name="pre_self_attention_norm")(y)
     y = y + drop(attn("self_attention")(h, h, self_mask, None, deterministic,
                                         cache="self" if decode else None,
@@ -80,6 +83,16 @@ class DecoderLayer(nn.Module):
     y = y + drop(layers.MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(
         h, deterministic))
     return layers.constrain(y, ("batch", "length", "embed"))
+
+
+def _maybe_remat(layer_cls, remat: str):
+  """The layer class, rematerialised under the named policy (`config.REMAT_POLICIES`)."""
+  if remat == "none":
+    return layer_cls
+  # Static: the Python flags after the arrays (counting self as 0): with_image/deterministic/
+  # cache_length for encoder layers, deterministic/cache_length for decoder layers.
+  static = (3, 4, 5) if layer_cls is EncoderLayer else (5, 6)
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[remat], static_argnums=static)
 
 
 def _drop_path_rates(rate: float, depth: int):
@@ -97,13 +110,16 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   image_grid_size: int = 0
   dtype: Any = jnp.float32
+  attention: str = "plain"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, with_image: bool, deterministic: bool,
                cache_length: int = 0) -> Array:
     for i, rate in enumerate(_drop_path_rates(self.drop_path_rate, self.num_layers)):
-      x = EncoderLayer(self.num_heads, self.head_dim, self.mlp_dim, self.dropout_rate, rate,
-                       self.image_grid_size, self.dtype, name=f"layer_{i}")(
+      x = _maybe_remat(EncoderLayer, self.remat)(
+          self.num_heads, self.head_dim, self.mlp_dim, self.dropout_rate, rate,
+          self.image_grid_size, self.dtype, self.attention, name=f"layer_{i}")(
                            x, mask, with_image, deterministic, cache_length)
     return layers.LayerNorm(dtype=self.dtype, name="final_norm")(x)
 
@@ -117,12 +133,15 @@ class Decoder(nn.Module):
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention: str = "plain"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
                deterministic: bool, cache_length: int = 0) -> Array:
     for i, rate in enumerate(_drop_path_rates(self.drop_path_rate, self.num_layers)):
-      y = DecoderLayer(self.num_heads, self.head_dim, self.mlp_dim, self.dropout_rate, rate,
-                       self.dtype, name=f"layer_{i}")(y, encoded, self_mask, cross_mask,
-                                                      deterministic, cache_length)
+      y = _maybe_remat(DecoderLayer, self.remat)(
+          self.num_heads, self.head_dim, self.mlp_dim, self.dropout_rate, rate, self.dtype,
+          self.attention, name=f"layer_{i}")(y, encoded, self_mask, cross_mask, deterministic,
+                                              cache_length)
     return layers.LayerNorm(dtype=self.dtype, name="final_norm")(y)
