@@ -1,0 +1,21 @@
+"""SeqIO tasks and mixtures of simvlm_jax, and the TFDS builders behind them.
+
+`import tasks` registers everything (gin files name tasks by string):
+
+  shapes64_image_text   shapes_world/64px: image + one of its five captions
+                        (splits: train, validation, compositional)
+  shapes64_text         shapes_world_text: text-only statements (splits: train, validation)
+  shapes64_pretrain     mixture of the two at the paper's 4,096 : 512 rates
+  shapes224_*           the same at 224x224
+
+Build the data first: `python -m tasks.build shapes` (see `tasks/build.py`). Your own data:
+`register_image_text_folder`, `register_text_file` and `register_pretrain_mixture`, callable from
+Python or gin (`@register_pretrain_mixture()` as a value).
+"""
+from tasks.folder_builder import ImageTextFolder
+from tasks.pretraining import (IMAGE_TEXT_RATE, TEXT_RATE, register_image_text_folder,
+                               register_pretrain_mixture, register_shapes, register_text_file)
+from tasks.shapes_builders import ShapesWorld, ShapesWorldText
+from tasks.vocabularies import SHAPES_VOCAB_SIZE, VOCABULARY
+
+PRESETS = {"64px": register_shapes("64px"), "224px": register_shapes("224px")}
