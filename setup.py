@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "clu==0.0.12",
     "tensorboard==2.21.0",
+    "pillow==13.0.0",
+    "pycocoevalcap==1.2",
 ]
 
 setuptools.setup(
