@@ -8,10 +8,11 @@ a restart would pick up.
 """
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import gin
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -101,3 +102,75 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _resize_grid(table: np.ndarray, new_rows: int) -> np.ndarray:
+  """Bilinear resize of a square grid of rows `[g*g, ...]` (image positions, relative position
+  buckets) to `[new_rows, ...]`, so a checkpoint moves to another image resolution."""
+  old, new = int(round(np.sqrt(table.shape[0]))), int(round(np.sqrt(new_rows)))
+  if old * old != table.shape[0] or new * new != new_rows:
+    raise ValueError(f"cannot resize {table.shape[0]} rows to {new_rows}: not square grids")
+  grid = table.reshape((old, old) + table.shape[1:])
+  resized = jax.image.resize(grid, (new, new) + table.shape[1:], method="bilinear")
+  return np.asarray(resized).reshape((new_rows,) + table.shape[1:])
+
+
+RESIZABLE = ("image_positions/embedding", "image_relpos/rel_bias")
+
+
+def load_pretrained_params(init_from: str, target: Any) -> Tuple[Any, dict]:
+  """Partial restore for finetuning: pretrained values where they fit, `target` elsewhere.
+
+  Args:
+    init_from: a model_dir (its latest checkpoint) or one checkpoint step directory.
+    target: freshly initialised params (sharded `jax.Array`s); their shardings are kept.
+
+  Returns:
+    (params, report) where report lists the "loaded", "resized" (image position tables of another
+    resolution, interpolated), "new" (not in the checkpoint: initialised) and "unused" (in the
+    checkpoint, not in the model) parameter names.
+  """
+  state_dir = epath.Path(init_from)
+  if (state_dir / "checkpoints").exists():
+    state_dir = state_dir / "checkpoints"
+  if not (state_dir / "state").exists():
+    steps = sorted(int(p.name) for p in state_dir.iterdir() if p.name.isdigit())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint to initialise from in {init_from}")
+    state_dir = state_dir / str(steps[-1])
+  # Restore the parameters only (never the optimizer state), as host numpy arrays.
+  metadata = ocp.StandardCheckpointer().metadata(state_dir / "state")
+  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    loaded = ckptr.restore(state_dir / "state", args=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+  pretrained = {_path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded["params"])}
+  report = {"loaded": [], "resized": [], "new": [], "unused": []}
+  used = set()
+
+  def pick(path, current):
+    name = _path_name(path)
+    value = pretrained.get(name)
+    if value is None:
+      report["new"].append(name)
+      return current
+    used.add(name)
+    if value.shape != current.shape:
+      if not name.endswith(RESIZABLE) or value.shape[1:] != current.shape[1:]:
+        raise ValueError(f"{name}: checkpoint shape {value.shape} does not fit the model's "
+                         f"{current.shape}")
+      value = _resize_grid(value, current.shape[0])
+      report["resized"].append(name)
+    else:
+      report["loaded"].append(name)
+    return jax.device_put(value.astype(current.dtype), current.sharding)
+
+  params = jax.tree_util.tree_map_with_path(pick, target)
+  report["unused"] = sorted(set(pretrained) - used)
+  return params, report

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from absl import app, logging
 from clu import metric_writers
+from etils import epath
 
-from simvlm_jax import checkpoints, gin_utils, objectives
+from simvlm_jax import checkpoints, distributed, gin_utils, objectives
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
@@ -61,17 +62,21 @@ def train(model_dir: str = gin.REQUIRED,
           eval_iterator_fn: Optional[Callable[[], Any]] = None,
           eval_every: int = 0,
           eval_batches: int = 50,
+          init_from: Optional[str] = None,
           stop_after_step: Optional[int] = None) -> Any:
   """Trains to `total_steps` (resuming from `model_dir`) and returns the final TrainState.
 
   `train_iterator_fn(shard_index=, num_shards=)` returns this process's iterator of host batches
   (with `save`/`restore`/`counters`). `stop_after_step` ends the run early (the schedule still
-  spans `total_steps`), as a preempted job would.
+  spans `total_steps`), as a preempted job would. `init_from` (a pretraining model_dir or
+  checkpoint) starts a new run from those parameters where they fit (finetuning); a checkpoint of
+  this run's own `model_dir` always takes precedence, so a preempted finetuning job resumes.
   """
   model_config = model_config or ModelConfig()
   partitioner = partitioner or Partitioner()
   is_main = jax.process_index() == 0
-  os.makedirs(model_dir, exist_ok=True)
+  # epath, not os: on a pod `model_dir` is shared storage (gs://...), which `open` cannot write.
+  epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
   trainer = Trainer(model_config, partitioner, total_steps, objective=objective, seed=seed)
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
                                   save_every=checkpoint_every)
@@ -80,6 +85,14 @@ def train(model_dir: str = gin.REQUIRED,
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state, data)
     logging.info("Restored step %d from %s", int(state.step), model_dir)
+  elif init_from:
+    params, report = checkpoints.load_pretrained_params(init_from, trainer.init_state().params)
+    state = trainer.state_from_params(params)
+    if is_main:
+      print(f"initialised from {init_from}: " + ", ".join(
+          f"{len(v)} {k}" for k, v in report.items()) +
+            "".join(f"\n  {k}: {', '.join(v)}" for k, v in report.items()
+                    if k != "loaded" and v), flush=True)
   else:
     state = trainer.init_state()
   start = int(jax.device_get(state.step))
@@ -87,8 +100,7 @@ def train(model_dir: str = gin.REQUIRED,
 
   writer = metric_writers.create_default_writer(model_dir, just_logging=not is_main)
   if is_main:
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
+    (epath.Path(model_dir) / "config.gin").write_text(gin.config_str())
     writer.write_hparams({"total_steps": total_steps, "seed": seed,
                           "mesh": str(dict(partitioner.mesh.shape))})
 
@@ -102,8 +114,7 @@ def train(model_dir: str = gin.REQUIRED,
     pending.append(metrics)
     done = step + 1
     if done == start + 1 and is_main:
-      with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
+      (epath.Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
       first_step_done, run_start = done, time.time()  # ETA excludes compilation.
     if done % log_every == 0 or done == end:
       fetched = jax.device_get(pending)
@@ -135,6 +146,7 @@ def train(model_dir: str = gin.REQUIRED,
 
 def main(argv: Sequence[str]):
   del argv
+  distributed.initialize()  # Before anything touches a device; a no-op for one process.
   gin_utils.parse_flags()
   train()
 

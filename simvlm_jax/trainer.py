@@ -85,7 +85,7 @@ def split_batch(batch: Any, seed: int, step: Array, objective: Callable) -> Dict
     if rows:
       keys = objectives.row_keys(seed, step, offset + jnp.arange(rows))
       out[kind] = objective(tokens, keys, with_image=(kind == "image_text"))
-      if kind == "image_text":
+      if "images" in batch[kind]:  # absent when image-text rows are scored without their images
         out[kind]["images"] = batch[kind]["images"]
     offset += rows
   return out
@@ -194,6 +194,13 @@ class Trainer:
                    out_shardings=self.state_shardings)
     with self.partitioner.activate():
       return init(jax.random.PRNGKey(self.seed))
+
+  def state_from_params(self, params) -> TrainState:
+    """A step-0 state around given (sharded) params, with a fresh optimizer state."""
+    make = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p)),
+                   out_shardings=self.state_shardings)
+    with self.partitioner.activate():
+      return make(params)
 
   def train_step(self, state: TrainState, global_batch: Any) -> Tuple[TrainState, Metrics]:
     with self.partitioner.activate():

@@ -1,0 +1,272 @@
+"""Multi-process runs: the `simvlm_jax.distributed` settings, and two processes on loopback that
+train exactly like one process with the same 8 devices.
+
+The end-to-end case: two `python -m simvlm_jax.train` processes with 4 CPU devices each (coordinator
+on 127.0.0.1, settings from SIMVLM_* variables, i.e. `distributed.initialize`) against one process
+with 8 devices: same losses step by step, metrics/config written once, and the checkpoint they
+write together restores in a single process, onto another mesh, with the same parameters.
+"""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
+
+# `train` is imported for its gin configurable `train.*`, which the run's gin files bind.
+from simvlm_jax import distributed, gin_utils, train  # noqa: F401
+from simvlm_jax.checkpoints import Checkpointer
+from simvlm_jax.data.synthetic import SyntheticIterator
+from simvlm_jax.models import ModelConfig
+from simvlm_jax.partitioning import Partitioner
+from simvlm_jax.trainer import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+GIN_FILE = "gin/runs/synthetic_tiny.gin"
+# text_batch 8 so 8 devices divide both sub-batches; a 1+1 layer, 1-stage model keeps compilation
+# short (the loop, sharding and checkpoint code are the same at any size).
+BINDINGS = ["SyntheticIterator.text_batch = 8", "ModelConfig.num_encoder_layers = 1",
+            "ModelConfig.num_decoder_layers = 1", "ModelConfig.resnet_stage_widths = (32,)",
+            "ModelConfig.resnet_stage_blocks = (1,)"]
+TIMEOUT_S = 600
+
+
+def _command(model_dir):
+  return [sys.executable, "-m", "simvlm_jax.train", "--import_modules=", f"--gin_file={GIN_FILE}",
+          f"--gin.train.model_dir='{model_dir}'", f"--gin.train.total_steps={STEPS}",
+          f"--gin.train.checkpoint_every={STEPS}", "--gin.train.log_every=1",
+          *[f"--gin_bindings={b}" for b in BINDINGS]]
+
+
+def _env(devices, **extra):
+  # No launcher variables from the surrounding shell (e.g. a SLURM allocation running pytest).
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "SIMVLM_", "TPU_WORKER_", "JAX_COORDINATOR"))}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"  # not the parent's 8.
+  env.update(extra)
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _wait_all(procs):
+  """Waits for every process; on any failure or timeout kills the rest and fails with the logs."""
+  deadline = time.time() + TIMEOUT_S
+  outputs = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=max(deadline - time.time(), 1))
+      outputs.append((proc.returncode, out, err))
+  except subprocess.TimeoutExpired:
+    outputs.append(("timeout", "", ""))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  if any(rc != 0 for rc, _, _ in outputs):
+    pytest.fail("\n\n".join(f"rc={rc}\n{out[-3000:]}\n{err[-5000:]}" for rc, out, err in outputs))
+  return [out for _, out, _ in outputs]
+
+
+def _scalars(model_dir):
+  """{tag: {step: value}} from the run's single TensorBoard events file."""
+  files = glob.glob(os.path.join(model_dir, "events.out.tfevents.*"))
+  assert len(files) == 1, files  # only process 0 writes metrics.
+  out = {}
+  for event in event_file_loader.EventFileLoader(files[0]).Load():
+    for value in event.summary.value:
+      if value.metadata.plugin_data.plugin_name == "scalars":
+        out.setdefault(value.tag, {})[event.step] = float(tensor_util.make_ndarray(value.tensor))
+  return out
+
+
+def _progress_steps(stdout):
+  return [int(line.split()[1].split("/")[0]) for line in stdout.splitlines()
+          if line.startswith("step ")]
+
+
+def _model_config():
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([GIN_FILE], BINDINGS, search_paths=[REPO])
+    return ModelConfig()
+  finally:
+    gin.clear_config()
+
+
+def _restore(model_dir, trainer):
+  data = SyntheticIterator()
+  state = Checkpointer(os.path.join(model_dir, "checkpoints")).restore(trainer.abstract_state, data)
+  return state, data.position
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(_command(single), cwd=REPO, env=_env(8), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)]
+  for pid in range(2):
+    env = _env(4, SIMVLM_COORDINATOR_ADDRESS=address, SIMVLM_NUM_PROCESSES="2",
+               SIMVLM_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(_command(multi), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  single_out, multi_out0, multi_out1 = _wait_all(procs)
+
+  # Console, metrics and gin files come from process 0 only.
+  assert _progress_steps(single_out) == list(range(1, STEPS + 1))
+  assert _progress_steps(multi_out0) == list(range(1, STEPS + 1))
+  assert _progress_steps(multi_out1) == []
+  for name in ("config.gin", "operative_config.gin"):
+    assert os.path.isfile(os.path.join(multi, name))
+
+  expected, got = _scalars(single), _scalars(multi)
+  for tag in ("loss", "accuracy", "grad_norm", "learning_rate", "image_text/loss", "text/loss"):
+    assert sorted(got[tag]) == list(range(1, STEPS + 1)), tag
+    np.testing.assert_allclose([got[tag][s] for s in sorted(got[tag])],
+                               [expected[tag][s] for s in sorted(expected[tag])], rtol=1e-5,
+                               err_msg=tag)
+  assert got["loss"][STEPS] < got["loss"][1] - 0.1  # it trained: the comparison is not vacuous.
+
+  # Both processes wrote their shards and their iterator position into the same step directory.
+  step_dir = os.path.join(multi, "checkpoints", str(STEPS))
+  for pid in range(2):
+    with open(os.path.join(step_dir, "data", f"process_{pid}.json")) as f:
+      assert json.load(f) == {"position": STEPS}
+    assert os.path.isdir(os.path.join(step_dir, "state", f"ocdbt.process_{pid}"))
+
+  # One process, another mesh (data 2 x fsdp 2 x model 2): the 2-process checkpoint restores to the
+  # parameters the 1-process run reached.
+  trainer = Trainer(_model_config(), Partitioner(mesh_shape=(2, 2, 2)), STEPS)
+  (state, position), (reference, _) = _restore(multi, trainer), _restore(single, trainer)
+  assert int(state.step) == STEPS and position == STEPS
+  # Really resharded: the runs' fsdp and model axes were 1 wide; here the table is split 2 x 2.
+  assert state.params["token_embed"]["embedding"].sharding.spec == P("model", "fsdp")
+  got_params, expected_params = jax.device_get(state.params), jax.device_get(reference.params)
+  assert len(jax.tree.leaves(got_params)) > 10
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_params,
+               expected_params)
+  initial = jax.device_get(trainer.init_state().params)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(got_params),
+                                                     jax.tree.leaves(initial)))
+
+
+# `simvlm_jax.distributed.resolve`: environment in, `jax.distributed.initialize` arguments out.
+
+SLURM_GPU_TASK = {"SLURM_JOB_ID": "12345", "SLURM_STEP_NUM_TASKS": "16",
+                  "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "gpu[007-008]",
+                  "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16",
+                  "SLURM_JOB_NODELIST": "gpu[007-008]"}
+DEACTIVATE = {"cluster_detection_method": "deactivate"}  # all known: no JAX auto-detection.
+
+
+def test_resolve_plain_run_is_single_process():
+  assert distributed.resolve({}) is None
+  assert distributed.resolve({"PATH": "/usr/bin", "TPU_WORKER_HOSTNAMES": "localhost"}) is None
+  # One SLURM task (e.g. `sbatch -n1`, or an salloc shell) is one process too.
+  assert distributed.resolve({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+                              "SLURM_JOB_NODELIST": "n1"}) is None
+
+
+def test_resolve_explicit_environment_and_flags():
+  env = {"SIMVLM_COORDINATOR_ADDRESS": "10.0.0.2:1234", "SIMVLM_NUM_PROCESSES": "4",
+         "SIMVLM_PROCESS_ID": "3", "SIMVLM_LOCAL_DEVICE_IDS": "0, 2"}
+  assert distributed.resolve(env) == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4,
+                                      "process_id": 3, "local_device_ids": [0, 2], **DEACTIVATE}
+  # Flags win over the environment, field by field.
+  assert distributed.resolve(env, process_id=0, local_device_ids="5") == {
+      "coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 0,
+      "local_device_ids": [5], **DEACTIVATE}
+  assert distributed.resolve({}, coordinator_address="h:1", num_processes=2, process_id=1) == {
+      "coordinator_address": "h:1", "num_processes": 2, "process_id": 1, **DEACTIVATE}
+
+
+@pytest.mark.parametrize("env, flag_values, message", [
+    ({"SIMVLM_COORDINATOR_ADDRESS": "h:1"}, {}, "['num_processes', 'process_id']"),
+    ({"SIMVLM_NUM_PROCESSES": "2", "SIMVLM_PROCESS_ID": "0"}, {}, "['coordinator_address']"),
+    ({}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, "not in [0, "),
+    ({}, {"coordinator_address": "h:1", "num_processes": 0, "process_id": 0}, "not in [0, "),
+    ({}, {"coordinator_address": "host", "num_processes": 2, "process_id": 0}, "host:port"),
+    ({"SIMVLM_NUM_PROCESSES": "two"}, {}, "num_processes must be an integer"),
+    ({"SIMVLM_LOCAL_DEVICE_IDS": "0,x"}, {"coordinator_address": "h:1", "num_processes": 2,
+                                          "process_id": 0}, "local_device_ids must be an integer"),
+    ({"SIMVLM_PROCESS_ID": "0"}, {"mode": "off"}, "contradicts"),
+    ({**SLURM_GPU_TASK, "SIMVLM_NUM_PROCESSES": "8"}, {}, "contradicts the SLURM step's 16"),
+    ({**SLURM_GPU_TASK, "SIMVLM_PROCESS_ID": "0"}, {}, "contradicts the SLURM step's 9"),
+    ({**SLURM_GPU_TASK, "SLURM_STEP_NODELIST": "gpu[007-008"}, {}, "cannot parse"),
+    ({}, {"mode": "sometimes"}, "must be one of"),
+])
+def test_resolve_rejects_inconsistent_settings(env, flag_values, message):
+  with pytest.raises(ValueError) as error:
+    distributed.resolve(env, **flag_values)
+  assert message in str(error.value)
+
+
+def test_resolve_slurm_step():
+  port = 61440 + 12345 % 4096
+  # 8 tasks per node: one GPU each, the task's local id.
+  assert distributed.resolve(SLURM_GPU_TASK) == {
+      "coordinator_address": f"gpu007:{port}", "num_processes": 16, "process_id": 9,
+      "local_device_ids": [1], **DEACTIVATE}
+  # One task per node drives all of the node's GPUs: no device restriction.
+  per_node = {**SLURM_GPU_TASK, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1",
+              "SLURM_LOCALID": "0"}
+  assert distributed.resolve(per_node) == {"coordinator_address": f"gpu007:{port}",
+                                           "num_processes": 2, "process_id": 1, **DEACTIVATE}
+  # The launcher's coordinator (from `scontrol show hostnames`), its port, and explicit device ids
+  # win; the job-level variables stand in for missing step ones.
+  job_level = {k: v for k, v in SLURM_GPU_TASK.items() if not k.startswith("SLURM_STEP_")}
+  job_level.update(SLURM_JOB_NUM_NODES="2", SIMVLM_COORDINATOR_PORT="4000")
+  assert distributed.resolve(job_level)["coordinator_address"] == "gpu007:4000"
+  assert distributed.resolve({**SLURM_GPU_TASK, "SIMVLM_COORDINATOR_ADDRESS": "ib-gpu007:5000",
+                              "SIMVLM_NUM_PROCESSES": "16", "SIMVLM_LOCAL_DEVICE_IDS": "3"}) == {
+      "coordinator_address": "ib-gpu007:5000", "num_processes": 16, "process_id": 9,
+      "local_device_ids": [3], **DEACTIVATE}
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node001", "node001"), ("h2,h1", "h2"), ("node[003-010,012],gpu7", "node003"),
+    ("gpu[12,3-5]", "gpu12"), ("rack[1-2]-n[07-08],x", "rack1-n07"), ("a-b-[9-10]", "a-b-9"),
+])
+def test_first_slurm_host(nodelist, host):
+  assert distributed.first_slurm_host(nodelist) == host
+
+
+def test_resolve_modes_auto_and_off_and_tpu_pods():
+  pod = {"TPU_WORKER_HOSTNAMES": "10.1.0.1,10.1.0.2,10.1.0.3,10.1.0.4", "TPU_WORKER_ID": "2"}
+  assert distributed.resolve(pod) == {}  # JAX reads the slice from the TPU metadata itself.
+  assert distributed.resolve({}, mode="auto") == {}
+  assert distributed.resolve({"SIMVLM_NUM_PROCESSES": "4"}, mode="auto",
+                             local_device_ids="0") == {"num_processes": 4, "local_device_ids": [0]}
+  assert distributed.resolve(pod, mode="off") is None
+  assert distributed.resolve(SLURM_GPU_TASK, mode="off") is None
+
+
+def test_initialize_calls_jax_once_with_the_resolved_arguments(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+  assert distributed.initialize(env={}) is None  # single process: JAX is not touched.
+  assert calls == []
+  env = {"SIMVLM_COORDINATOR_ADDRESS": "127.0.0.1:9", "SIMVLM_NUM_PROCESSES": "2",
+         "SIMVLM_PROCESS_ID": "1"}
+  expected = {"coordinator_address": "127.0.0.1:9", "num_processes": 2, "process_id": 1,
+              **DEACTIVATE}
+  assert distributed.initialize(env=env) == expected
+  assert distributed.initialize(env=env) is None  # already initialized: idempotent.
+  assert calls == [expected]
