@@ -34,14 +34,14 @@ def _apply_step(model: SimVLM, params, cache, encoded, encoder_mask, token, posi
   """One cached decoder step: `token, position: [batch]` -> logits `[batch, vocab]`, new cache."""
   logits, variables = model.apply(
       {"params": params, "cache": cache}, encoded, encoder_mask, token[:, None],
-      position[:, None], decode_length=decode_length, decode_step=step, method=SimVLM.decode,
+      position[:, None], decode_length=decode_length, decode_step=step, method="decode",
       mutable=["cache"])
   return logits[:, 0].astype(jnp.float32), variables["cache"]
 
 
 def _prefill(model: SimVLM, params, images, prompt_tokens, decode_length):
   (encoded, mask), variables = model.apply({"params": params}, images, prompt_tokens,
-                                           decode_length, method=SimVLM.prefill,
+                                           decode_length, method="prefill",
                                            mutable=["cache"])
   return encoded, mask, variables.get("cache", {})
 

@@ -53,11 +53,17 @@ def define_flags() -> None:
                             "Modules imported before parsing gin (e.g. the SeqIO task registry).")
 
 
+def quiet_logging() -> None:
+  """Warnings and up only: Orbax and TensorFlow log every step at INFO."""
+  logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def parse_flags() -> None:
   """Sets the log level, imports `--import_modules`, then parses `--gin_file`s and bindings."""
   f = flags.FLAGS
   if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax and TF log every step at INFO.
+    quiet_logging()
   for module in filter(None, f.import_modules):
     importlib.import_module(module)
   parse_gin(f.gin_file, f.gin_bindings, f.gin_search_paths)

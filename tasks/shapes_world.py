@@ -278,7 +278,7 @@ def _relations(a: ShapeObject, b: ShapeObject) -> list[tuple[str, tuple[str, ...
 def _caption_list(scene, rng):
   nps = _join([noun_phrase(o, rng) for o in rng.permutation(scene.objects)])
   return _pick(rng, (
-      "{l}", "there is {l}", "an image of {l}", "a picture showing {l}",
+      "{l}", "there is {l}", "an image of {l}", "a picture of {l}", "a picture showing {l}",
       "{l} on a {bg} background", "on a {bg} background there is {l}",
   )).format(l=nps, bg=scene.background)
 

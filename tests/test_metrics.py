@@ -1,20 +1,16 @@
 """Tests of the official metrics (simvlm_jax/metrics/), against hand-computed values.
 
-The caption tests need Java (PTB tokenizer, METEOR) and are skipped without it; METEOR's ~10 s
+The caption tests need Java (PTB tokenizer, METEOR), as the official metrics do; METEOR's ~10 s
 start-up is paid once, by a module-scoped fixture.
 """
 import collections
 import logging
 import math
-import shutil
 
 import numpy as np
 import pytest
 
 from simvlm_jax.metrics import captions, classification, vqa
-
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
-
 
 # --- VQA: answer normalisation --------------------------------------------------------------------
 
@@ -139,7 +135,6 @@ def full_caption_scores():
   return corpus, per_image, created
 
 
-@needs_java
 def test_caption_metrics_report_everything_and_spice_as_unavailable(full_caption_scores):
   corpus, per_image, _ = full_caption_scores
   assert set(corpus) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr",
@@ -152,7 +147,6 @@ def test_caption_metrics_report_everything_and_spice_as_unavailable(full_caption
     assert corpus[name] == pytest.approx(np.mean([s[name] for s in per_image.values()]))
 
 
-@needs_java
 def test_meteor_partial_and_exact_match_and_process_closed(full_caption_scores):
   corpus, per_image, created = full_caption_scores
   # "a red car parked" is the PTB-tokenized first reference ("A red car, parked.") exactly.
@@ -163,14 +157,12 @@ def test_meteor_partial_and_exact_match_and_process_closed(full_caption_scores):
   assert len(created) == 1 and created[0].meteor_p.returncode is not None  # java has exited
 
 
-@needs_java
 def test_identical_prediction_scores_one(full_caption_scores):
   _, per_image, _ = full_caption_scores
   assert per_image["car"]["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
   assert per_image["car"]["ROUGE_L"] == pytest.approx(1.0)
 
 
-@needs_java
 def test_corpus_bleu_1_with_brevity_penalty():
   # Image 1: "a cat runs" against refs of 5 and 4 words; "closest" picks 4. Clipped unigram matches:
   # "a", "runs" -> 2 of 3. Image 2 matches its 3-word ref exactly. Corpus: 5 of 6 unigrams match,
@@ -183,7 +175,6 @@ def test_corpus_bleu_1_with_brevity_penalty():
   assert corpus["Bleu_2"] < corpus["Bleu_1"]
 
 
-@needs_java
 def test_rouge_l_hand_computed():
   # LCS("a dog runs fast", "a dog is running fast") = "a dog fast" = 3: P = 3/4, R = 3/5,
   # F = (1 + 1.2^2) P R / (R + 1.2^2 P).
@@ -227,7 +218,6 @@ def _cider_d(preds, refs, sigma=6.0):
   return float(np.mean(list(scores.values()))), scores
 
 
-@needs_java
 def test_cider_d_matches_an_independent_implementation():
   refs = {"dog": CORPUS_REFS["dog"], "cat": CORPUS_REFS["cat"]}
   preds = {"dog": CORPUS_PREDS["dog"], "cat": CORPUS_PREDS["cat"]}
@@ -239,7 +229,6 @@ def test_cider_d_matches_an_independent_implementation():
   assert 0.0 < corpus["CIDEr"] < 10.0
 
 
-@needs_java
 def test_spice_absence_is_logged(caplog):
   with caplog.at_level(logging.WARNING):
     scores, _ = captions.coco_caption_scores({0: "a dog"}, {0: ["a dog"]}, metrics=("Bleu",))
@@ -247,7 +236,6 @@ def test_spice_absence_is_logged(caplog):
   assert any("SPICE not computed" in r.getMessage() for r in caplog.records)
 
 
-@needs_java
 def test_seqio_caption_metric_decodes_bytes_and_keeps_numbers(monkeypatch):
   full = captions.coco_caption_scores
   # Skip METEOR's start-up here; the fixture above covers it.
@@ -260,7 +248,6 @@ def test_seqio_caption_metric_decodes_bytes_and_keeps_numbers(monkeypatch):
   assert metrics["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
 
 
-@needs_java
 def test_meteor_watchdog_turns_a_stall_into_an_error():
   # 0.5 s is far less than METEOR's start-up: the watchdog kills it, and the call fails, not hangs.
   with pytest.raises(RuntimeError, match="METEOR"):
