@@ -108,15 +108,19 @@ def _path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _resize_grid(table: np.ndarray, new_rows: int) -> np.ndarray:
-  """Bilinear resize of a square grid of rows `[g*g, ...]` (image positions, relative position
-  buckets) to `[new_rows, ...]`, so a checkpoint moves to another image resolution."""
-  old, new = int(round(np.sqrt(table.shape[0]))), int(round(np.sqrt(new_rows)))
-  if old * old != table.shape[0] or new * new != new_rows:
-    raise ValueError(f"cannot resize {table.shape[0]} rows to {new_rows}: not square grids")
-  grid = table.reshape((old, old) + table.shape[1:])
-  resized = jax.image.resize(grid, (new, new) + table.shape[1:], method="bilinear")
-  return np.asarray(resized).reshape((new_rows,) + table.shape[1:])
+def _resize_grid(table: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  """Bilinear resize of the one axis of `table` that differs from `shape`, read as a square grid
+  (g*g image positions, or (2g-1)^2 relative position buckets), so a checkpoint moves to another
+  image resolution. Other axes (e.g. the stacked layers of a scanned model) stay as they are."""
+  axes = [i for i, (a, b) in enumerate(zip(table.shape, shape)) if a != b]
+  old_rows = table.shape[axes[0]] if len(axes) == 1 else 0
+  old, new = int(round(np.sqrt(old_rows))), int(round(np.sqrt(shape[axes[0]] if axes else 0)))
+  if len(axes) != 1 or old * old != old_rows or new * new != shape[axes[0]]:
+    raise ValueError(f"cannot resize {table.shape} to {shape}: not one square grid axis")
+  moved = np.moveaxis(table, axes[0], 0)
+  grid = moved.reshape((old, old) + moved.shape[1:])
+  resized = jax.image.resize(grid, (new, new) + moved.shape[1:], method="bilinear")
+  return np.moveaxis(np.asarray(resized).reshape((new * new,) + moved.shape[1:]), 0, axes[0])
 
 
 RESIZABLE = ("image_positions/embedding", "image_relpos/rel_bias")
@@ -162,10 +166,10 @@ def load_pretrained_params(init_from: str, target: Any) -> Tuple[Any, dict]:
       return current
     used.add(name)
     if value.shape != current.shape:
-      if not name.endswith(RESIZABLE) or value.shape[1:] != current.shape[1:]:
+      if not name.endswith(RESIZABLE) or value.ndim != current.ndim:
         raise ValueError(f"{name}: checkpoint shape {value.shape} does not fit the model's "
                          f"{current.shape}")
-      value = _resize_grid(value, current.shape[0])
+      value = _resize_grid(value, current.shape)
       report["resized"].append(name)
     else:
       report["loaded"].append(name)

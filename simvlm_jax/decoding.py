@@ -137,16 +137,20 @@ def _gather_beams(x: Array, beam_idx: Array) -> Array:
   return jnp.take_along_axis(x, beam_idx.reshape(beam_idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _gather_cache(cache: Any, beam_idx: Array) -> Any:
-  """Reorders the `[batch * beams, ...]` leaves of a decoding cache by `beam_idx: [batch, k]`."""
+def _gather_cache(cache: Any, beam_idx: Array, batch_axis: int) -> Any:
+  """Reorders a decoding cache's `[..., batch * beams, ...]` leaves by `beam_idx: [batch, k]`.
+
+  `batch_axis` is 1 when the layers are scanned (each leaf has a leading layer axis).
+  """
   batch, k = beam_idx.shape
 
-  def gather(x):
-    if x.ndim == 0:
-      return x  # cache indices are shared by all rows.
-    y = _gather_beams(x.reshape((batch, k) + x.shape[1:]), beam_idx)
-    return y.reshape(x.shape)
-  return jax.tree.map(gather, cache)
+  def gather(path, x):
+    if getattr(path[-1], "key", None) == "cache_index":
+      return x  # shared by all rows.
+    x = jnp.moveaxis(x, batch_axis, 0)
+    y = _gather_beams(x.reshape((batch, k) + x.shape[1:]), beam_idx).reshape(x.shape)
+    return jnp.moveaxis(y, 0, batch_axis)
+  return jax.tree_util.tree_map_with_path(gather, cache)
 
 
 def beam_search(model: SimVLM, params, images: Optional[Array], prompt_tokens: Array,
@@ -186,7 +190,8 @@ def beam_search(model: SimVLM, params, images: Optional[Array], prompt_tokens: A
     # Alive: the best k candidates that do not end.
     alive_logp, keep = jax.lax.top_k(jnp.where(ends, NEG_INF, top_logp), k)
     seqs = _gather_beams(cand_seqs, keep)
-    cache = _gather_cache(cache, jnp.take_along_axis(beam_idx, keep, axis=1))
+    cache = _gather_cache(cache, jnp.take_along_axis(beam_idx, keep, axis=1),
+                          batch_axis=1 if model.config.scan_layers else 0)
     return step + 1, cache, seqs, alive_logp, fin_seqs, fin_scores
 
   def cond(carry):

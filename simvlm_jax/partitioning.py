@@ -28,6 +28,7 @@ DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("conv_in", "fsdp"),
     ("kv", None),
+    ("layers", None),  # the stacked axis of scanned layers
     ("length", None),
     ("text_pos", None),
     ("image_pos", None),

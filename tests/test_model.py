@@ -354,9 +354,13 @@ def test_dropout_and_stochastic_depth(tiny_config, regulariser, with_image):
 
 def test_drop_path_drops_whole_rows():
   x = jnp.ones((64, 3, 5))
-  y = layers.DropPath(0.5).apply({}, x, False, rngs={"dropout": jax.random.PRNGKey(0)})
+  y = layers.DropPath().apply({}, x, 0.5, False, rngs={"dropout": jax.random.PRNGKey(0)})
   per_row = np.asarray(y).reshape(64, -1)
   assert set(np.unique(per_row)) <= {0.0, 2.0}  # kept rows rescaled by 1 / keep
   assert np.all(per_row.min(1) == per_row.max(1))  # all or nothing per example
   assert 10 < np.sum(per_row[:, 0] == 0) < 54
-  np.testing.assert_array_equal(layers.DropPath(0.5).apply({}, x, True), x)
+  np.testing.assert_array_equal(layers.DropPath().apply({}, x, 0.5, True), x)
+  # A traced rate (layers under nn.scan) draws the same way.
+  traced = jax.jit(lambda r: layers.DropPath().apply({}, x, r, False,
+                                                     rngs={"dropout": jax.random.PRNGKey(0)}))
+  np.testing.assert_array_equal(traced(jnp.float32(0.5)), y)

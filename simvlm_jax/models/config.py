@@ -44,6 +44,7 @@ class ModelConfig:
   dtype: str = "float32"  # activations and matmuls ("bfloat16"); parameters stay float32.
   attention: str = "plain"  # or "fused": jax.nn.dot_product_attention (cuDNN flash on GPU).
   remat: str = "none"  # rematerialise each layer: "none", "full" or "dots_saveable".
+  scan_layers: bool = False  # nn.scan over layers: compile time flat in depth.
 
   def __post_init__(self):
     if self.architecture not in ("encoder_decoder", "decoder_only"):

@@ -50,7 +50,7 @@ class BottleneckBlock(nn.Module):
     if x.shape[-1] != self.width or self.stride != 1:
       x = _conv(self.width, 1, self.stride, dtype=self.dtype, name="proj")(x)
       x = _norm(self.width, self.dtype, "proj_norm")(x)
-    y = layers.DropPath(self.drop_path_rate)(y, deterministic)
+    y = layers.DropPath()(y, self.drop_path_rate, deterministic)
     return nn.relu(x + y)
 
 

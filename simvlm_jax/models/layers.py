@@ -69,14 +69,16 @@ class LayerNorm(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops a whole residual branch per example. `x: [batch, ...]`."""
-  rate: float
+  """Stochastic depth: drops a whole residual branch per example. `x: [batch, ...]`.
+
+  `rate` may be a traced scalar (layers under nn.scan each get their own).
+  """
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool) -> Array:
-    if deterministic or self.rate == 0.0:
+  def __call__(self, x: Array, rate, deterministic: bool) -> Array:
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 

@@ -41,7 +41,8 @@ class SimVLM(nn.Module):
     self.embed_dropout = nn.Dropout(c.dropout_rate)
     grid = c.grid_size if c.image_relative_position else 0
     stack = dict(num_heads=c.num_heads, head_dim=c.head_dim, mlp_dim=c.mlp_dim,
-                 dropout_rate=c.dropout_rate, dtype=dtype, attention=c.attention, remat=c.remat)
+                 dropout_rate=c.dropout_rate, dtype=dtype, attention=c.attention, remat=c.remat,
+                 scan_layers=c.scan_layers)
     if c.architecture == "encoder_decoder":
       self.encoder = transformer.Encoder(c.num_encoder_layers, drop_path_rate=c.stochastic_depth_rate,
                                          image_grid_size=grid, **stack)
