@@ -54,6 +54,18 @@ def split_at(tokens: Array, prefix_len: Array) -> dict:
               loss_weights=(targets > 0).astype(jnp.float32))
 
 
+def seq2seq(prefix_tokens: Array, target_tokens: Array) -> dict:
+  """A given split (finetuning): the encoder reads `prefix_tokens` (e.g. a question), the decoder
+  predicts `target_tokens` (e.g. the answer, EOS-terminated), continuing the text positions."""
+  length = target_tokens.shape[1]
+  start = jnp.sum(prefix_tokens > 0, axis=1, keepdims=True).astype(jnp.int32)
+  return dict(prefix_tokens=prefix_tokens,
+              decoder_input_tokens=jnp.pad(target_tokens[:, :-1], ((0, 0), (1, 0))),
+              decoder_target_tokens=target_tokens,
+              decoder_positions=start + jnp.arange(length)[None],
+              loss_weights=(target_tokens > 0).astype(jnp.float32))
+
+
 @gin.configurable
 def prefix_lm(tokens: Array, keys: Array, with_image: bool) -> dict:
   """SimVLM's PrefixLM: image rows keep k in [0, n-1] text tokens; text rows k in [1, n-1]."""

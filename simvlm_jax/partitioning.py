@@ -22,6 +22,7 @@ MESH_AXES = ("data", "fsdp", "model")
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("vocab", "model"),
+    ("classes", "model"),
     ("mlp", "model"),
     ("heads", "model"),
     ("conv_out", "model"),

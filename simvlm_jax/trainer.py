@@ -76,18 +76,29 @@ def dummy_batch(config: ModelConfig, it_batch: int, it_len: int, txt_batch: int,
 
 
 def split_batch(batch: Any, seed: int, step: Array, objective: Callable) -> Dict[str, dict]:
-  """Applies the objective to both sub-batches; rows are indexed image-text first, then text."""
+  """Turns each sub-batch into model inputs and targets.
+
+  Pretraining sub-batches (`text_tokens`) are split by the objective, rows indexed image-text
+  first, then text; finetuning sub-batches come split already (`prefix_tokens` with
+  `target_tokens`, or with `class_scores` for a classifier). Images, when present, ride along.
+  """
   out = {}
   offset = 0
-  for kind in ("image_text", "text"):
-    tokens = batch[kind]["text_tokens"]
-    rows = tokens.shape[0]
-    if rows:
+  for kind in sorted(batch, key=lambda k: k != "image_text"):
+    sub = batch[kind]
+    if "text_tokens" in sub:
+      rows = sub["text_tokens"].shape[0]
+      if not rows:
+        continue
       keys = objectives.row_keys(seed, step, offset + jnp.arange(rows))
-      out[kind] = objective(tokens, keys, with_image=(kind == "image_text"))
-      if "images" in batch[kind]:  # absent when image-text rows are scored without their images
-        out[kind]["images"] = batch[kind]["images"]
-    offset += rows
+      out[kind] = objective(sub["text_tokens"], keys, with_image=(kind == "image_text"))
+      offset += rows
+    elif "target_tokens" in sub:
+      out[kind] = objectives.seq2seq(sub["prefix_tokens"], sub["target_tokens"])
+    else:
+      out[kind] = {"prefix_tokens": sub["prefix_tokens"], "class_scores": sub["class_scores"]}
+    if "images" in sub:  # absent when image-text rows are scored without their images
+      out[kind]["images"] = sub["images"]
   return out
 
 
@@ -103,13 +114,29 @@ def token_losses(model: SimVLM, params, split: dict, rng: Optional[Array]) -> Tu
   return loss, correct
 
 
+def class_losses(model: SimVLM, params, split: dict, rng: Optional[Array]) -> Tuple[Array, Array]:
+  """VQA-style soft-score classification: per-row sigmoid cross-entropy summed over the classes,
+  and the score of the top class (the VQA accuracy of the classifier's answer). `[batch]` each."""
+  logits = model.apply({"params": params}, split.get("images"), split["prefix_tokens"],
+                       deterministic=rng is None, method="classify",
+                       rngs={"dropout": rng} if rng is not None else None)
+  scores = split["class_scores"]
+  loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, scores), axis=-1)
+  top = jnp.take_along_axis(scores, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0]
+  return loss, top
+
+
 def _sums(model, params, splits, rng) -> Dict[str, Array]:
-  """Summed loss, correct predictions and target count over both row kinds."""
+  """Summed loss, correct predictions and target count over every sub-batch."""
   sums = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
   for i, (kind, split) in enumerate(sorted(splits.items())):
     sub_rng = None if rng is None else jax.random.fold_in(rng, i)
-    loss, correct = token_losses(model, params, split, sub_rng)
-    w = split["loss_weights"]
+    if "class_scores" in split:
+      loss, correct = class_losses(model, params, split, sub_rng)
+      w = jnp.any(split["prefix_tokens"] > 0, axis=-1).astype(jnp.float32)  # padding rows: 0
+    else:
+      loss, correct = token_losses(model, params, split, sub_rng)
+      w = split["loss_weights"]
     sums["loss_sum"] += jnp.sum(loss * w)
     sums["correct_sum"] += jnp.sum(correct * w)
     sums["weight_sum"] += jnp.sum(w)
@@ -173,7 +200,10 @@ class Trainer:
   def _init_boxed(self, rng):
     batch = dummy_batch(self.config, 1, 4, 1, 4)["image_text"]
     tokens = batch["text_tokens"]
-    variables = self.model.init(rng, batch["images"], tokens, tokens, tokens)
+    def init(module, images, tokens):
+      out = module(images, tokens, tokens, tokens)
+      return (out, module.classify(images, tokens)) if self.config.num_classes else out
+    variables = self.model.init(rng, batch["images"], tokens, method=init)
     params = variables["params"]
     return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 

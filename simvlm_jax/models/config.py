@@ -41,6 +41,7 @@ class ModelConfig:
   dropout_rate: float = 0.0
   stochastic_depth_rate: float = 0.0  # conv stage and encoder (and decoder-only stack).
   decoder_stochastic_depth_rate: float = 0.0
+  num_classes: int = 0  # > 0: a classifier head on the decoder (SimVLM's VQA classifier).
   dtype: str = "float32"  # activations and matmuls ("bfloat16"); parameters stay float32.
   attention: str = "plain"  # or "fused": jax.nn.dot_product_attention (cuDNN flash on GPU).
   remat: str = "none"  # rematerialise each layer: "none", "full" or "dots_saveable".

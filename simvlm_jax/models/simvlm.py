@@ -39,6 +39,8 @@ class SimVLM(nn.Module):
     else:
       self.patchify = conv_stage.LinearPatchify(c.emb_dim, c.patch_size, dtype)
     self.embed_dropout = nn.Dropout(c.dropout_rate)
+    if c.num_classes:
+      self.classifier = layers.Dense((c.num_classes,), ("embed", "classes"), dtype=dtype)
     grid = c.grid_size if c.image_relative_position else 0
     stack = dict(num_heads=c.num_heads, head_dim=c.head_dim, mlp_dim=c.mlp_dim,
                  dropout_rate=c.dropout_rate, dtype=dtype, attention=c.attention, remat=c.remat,
@@ -85,7 +87,18 @@ class SimVLM(nn.Module):
   # --- encoder-decoder / decoder-only entry points ----------------------------------------------
   def encode(self, images: Optional[Array], prefix_tokens: Array,
              deterministic: bool = True) -> Tuple[Array, Array]:
-    """Bidirectional encoding of the prefix. For decoder-only models this only embeds it."""
+    """Bidirectional encoding of the prefix. For decoder-only models this only embeds it.
+
+    `images` may also be `[batch, n, H, W, 3]` (e.g. NLVR2's image pair): each (image, prefix) is
+    encoded on its own and the n encodings are concatenated for the decoder to attend over.
+    """
+    if images is not None and images.ndim == 5:
+      if self.config.architecture == "decoder_only":
+        raise ValueError("several images per example need the encoder-decoder architecture")
+      parts = [self.encode(images[:, i], prefix_tokens, deterministic)
+               for i in range(images.shape[1])]
+      return (jnp.concatenate([p[0] for p in parts], axis=1),
+              jnp.concatenate([p[1] for p in parts], axis=1))
     x, mask = self._prefix_inputs(images, prefix_tokens, deterministic)
     if self.config.architecture == "decoder_only":
       return x, mask
@@ -94,14 +107,16 @@ class SimVLM(nn.Module):
 
   def decode(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
              decoder_positions: Array, deterministic: bool = True, with_image: bool = True,
-             decode_length: int = 0, decode_step: Optional[Array] = None) -> Array:
+             decode_length: int = 0, decode_step: Optional[Array] = None,
+             return_hidden: bool = False) -> Array:
     """Causal decoding of `decoder_input_tokens [batch, Ld]` at text positions `[batch, Ld]`.
 
     Teacher forcing when `decode_length == 0`. Otherwise one chunk of cached decoding (apply with
     `mutable=['cache']`): the tokens are decoder steps `decode_step, decode_step + 1, ...` of at
     most `decode_length`, keys/values are cached, and cross-attention keys/values are projected
     from `encoded` on the first step only. `with_image` (decoder-only teacher forcing): the prefix
-    starts with image tokens.
+    starts with image tokens. `return_hidden`: the final decoder states `[batch, Ld, embed]`
+    instead of logits.
     """
     y = self.embed_text(decoder_input_tokens, decoder_positions)
     y = self.embed_dropout(y, deterministic=deterministic)
@@ -123,6 +138,8 @@ class SimVLM(nn.Module):
       y = self.stack(y, mask, False, deterministic, enc_len + decode_length)
     else:
       y = self._decoder_only(encoded, encoder_mask, y, causal, with_image, deterministic)
+    if return_hidden:
+      return y
     logits = self.token_embed.attend(y)
     return layers.constrain(logits, ("batch", "length", "vocab"))
 
@@ -150,6 +167,18 @@ class SimVLM(nn.Module):
     mask = jnp.concatenate([prefix_keys, jnp.broadcast_to(dec_keys, (batch,) + dec_keys.shape)], -1)
     out = self.stack(jnp.concatenate([prefix, y], axis=1), mask, with_image, deterministic)
     return out[:, p_len:]
+
+  def classify(self, images: Optional[Array], prefix_tokens: Array,
+               deterministic: bool = True) -> Array:
+    """Class logits `[batch, num_classes]` from the decoder's state at its first (start) step, as
+    SimVLM's VQA classifier: the decoder reads the encoding and a linear head scores the answers."""
+    encoded, mask = self.encode(images, prefix_tokens, deterministic)
+    batch = prefix_tokens.shape[0]
+    start = jnp.zeros((batch, 1), jnp.int32)
+    positions = jnp.sum(prefix_tokens > 0, axis=1, keepdims=True).astype(jnp.int32)
+    hidden = self.decode(encoded, mask, start, positions, deterministic,
+                         with_image=images is not None, return_hidden=True)
+    return self.classifier(hidden[:, 0]).astype(jnp.float32)
 
   def __call__(self, images: Optional[Array], prefix_tokens: Array, decoder_input_tokens: Array,
                decoder_positions: Array, deterministic: bool = True) -> Array:
