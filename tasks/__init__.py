@@ -17,5 +17,6 @@ from tasks.pretraining import (IMAGE_TEXT_RATE, TEXT_RATE, register_image_text_f
                                register_pretrain_mixture, register_shapes, register_text_file)
 from tasks.shapes_builders import ShapesWorld, ShapesWorldText
 from tasks.vocabularies import SHAPES_VOCAB_SIZE, VOCABULARY
+from tasks import downstream  # noqa: F401  (registers the downstream tasks)
 
 PRESETS = {"64px": register_shapes("64px"), "224px": register_shapes("224px")}

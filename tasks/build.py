@@ -17,6 +17,7 @@ from absl import logging
 
 from simvlm_jax.data import paths
 from tasks import folder_builder, shapes_builders, vocabularies
+from tasks.downstream import build as downstream_build
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, overwrite: bool) -> None:
@@ -60,6 +61,7 @@ def main(argv=None) -> None:
   folder.add_argument("--source_dir", required=True, help="folder with <split>.jsonl/.tsv files")
 
   commands.add_parser("vocab", help="the shapes-world SentencePiece model only")
+  downstream_build.add_commands(commands)
   args = parser.parse_args(argv)
 
   logging.set_verbosity(logging.WARNING)
@@ -79,6 +81,8 @@ def main(argv=None) -> None:
   elif args.command == "folder":
     _prepare(folder_builder.ImageTextFolder(data_dir=data_dir, source_dir=args.source_dir),
              args.overwrite)
+  elif args.command in downstream_build.COMMANDS:
+    downstream_build.run(args, data_dir, _prepare)
   else:
     _vocab()
 

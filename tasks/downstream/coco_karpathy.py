@@ -14,6 +14,7 @@ Features: image (encoded bytes as stored), image_id (cocoid), file_name, caption
 import collections
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from tasks.downstream import common
@@ -31,13 +32,14 @@ class CocoKarpathy(common.RawFilesBuilder):
   """COCO captions, Karpathy split, from local files."""
   VERSION = tfds.core.Version("1.0.0")
   SOURCE_SUBDIR = "coco"
+  EXPECTED = EXPECTED
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3)),
-            "image_id": tfds.features.Scalar(dtype="int64"),
+            "image_id": tfds.features.Scalar(dtype=np.int64),
             "file_name": tfds.features.Text(),
             "captions": tfds.features.Sequence(tfds.features.Text()),
         }),

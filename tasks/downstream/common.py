@@ -1,10 +1,11 @@
 """What every downstream reader shares: where its raw files are, the error when they are not
-there, reading images, and the `official` / `shapes` builder configs.
+there, reading files, and the `official` / `shapes` builder configs.
 
-Raw files are never downloaded. A builder reads them from `source_dir=` or, if that is not given,
-from `$SIMVLM_DOWNSTREAM_DIR/<subdir>` (config `official`) or `$SIMVLM_DOWNSTREAM_DIR/shapes/<subdir>`
-(config `shapes`: the shapes world's benchmarks, written by `tasks/shapes_downstream.py` in the same
-official formats). SIMVLM_DOWNSTREAM_DIR defaults to ~/simvlm_downstream.
+Raw files are never downloaded. A builder reads them from `source_dir=` (the benchmark's folder)
+or else from `<source_root>/<subdir>`, where source_root defaults to $SIMVLM_DOWNSTREAM_DIR
+(~/simvlm_downstream if unset) for config `official` and to $SIMVLM_DOWNSTREAM_DIR/shapes for
+config `shapes`: the shapes world's benchmarks, which `tasks/shapes_downstream.py` writes in the
+same official formats.
 """
 import json
 import os
@@ -17,22 +18,16 @@ from absl import logging
 from tasks import tfds_compat  # noqa: F401
 
 SOURCE_DIR_ENV = "SIMVLM_DOWNSTREAM_DIR"
-CONFIGS = ("official", "shapes")
 
 
-def source_root() -> str:
-  """The folder that holds one subfolder of raw files per benchmark (`shapes/` for the shapes world)."""
-  return os.path.expanduser(os.environ.get(SOURCE_DIR_ENV) or "~/simvlm_downstream")
-
-
-def default_source_dir(subdir: str, config: str) -> str:
-  """Where a benchmark's raw files are read from when no source_dir is given."""
-  root = source_root()
-  return os.path.join(root, "shapes", subdir) if config.startswith("shapes") else os.path.join(root, subdir)
+def default_root(config: str) -> str:
+  """The folder with one subfolder per benchmark that a config reads when not told otherwise."""
+  root = os.path.expanduser(os.environ.get(SOURCE_DIR_ENV) or "~/simvlm_downstream")
+  return os.path.join(root, "shapes") if config.startswith("shapes") else root
 
 
 def require(dataset: str, root: str, expected: Mapping[str, str],
-            optional: Mapping[str, str] = ()) -> None:
+            optional: Optional[Mapping[str, str]] = None) -> None:
   """Raises FileNotFoundError naming every missing entry of `expected` and where each comes from.
 
   Keys are paths relative to `root` (a trailing "/" marks a folder); values say what the entry is
@@ -41,15 +36,15 @@ def require(dataset: str, root: str, expected: Mapping[str, str],
   missing = [path for path in expected if not tf.io.gfile.exists(os.path.join(root, path))]
   if not missing:
     return
-  lines = [f"  {path:<48} {about}" for path, about in {**expected, **dict(optional)}.items()]
+  lines = [f"  {path:<48} {about}" for path, about in {**expected, **(optional or {})}.items()]
   raise FileNotFoundError(
       f"{dataset}: missing {', '.join(missing)} in {root}.\nExpected there:\n" + "\n".join(lines) +
-      f"\nPass source_dir=<folder> (`python -m tasks.build downstream --source_dir ...`) or set "
-      f"{SOURCE_DIR_ENV} to the folder that holds it (default ~/simvlm_downstream).")
+      f"\nPass source_dir=<that folder>, or point {SOURCE_DIR_ENV} (or `python -m tasks.build "
+      f"downstream --source_dir`) at the folder above it.")
 
 
 def read_bytes(path: str) -> Optional[bytes]:
-  """The file's bytes, or None (logged) if it cannot be read: one missing image skips one example."""
+  """The file's bytes, or None (logged) if unreadable: a missing image skips one example."""
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
       return f.read()
@@ -88,19 +83,32 @@ class SkipCounter:
 class RawFilesBuilder(tfds.core.GeneratorBasedBuilder):
   """A reader of an official release in a local folder (no downloads).
 
-  Subclasses set SOURCE_SUBDIR (the folder under SIMVLM_DOWNSTREAM_DIR) and read
+  Subclasses set SOURCE_SUBDIR (their folder under the source root) and EXPECTED (what it holds:
+  {relative path: what it is and where it comes from}, "/" ending folders), and read
   `self.source_dir()` in `_split_generators`.
   """
   SOURCE_SUBDIR = ""
+  EXPECTED: Mapping[str, str] = {}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="official", description="the official release"),
       tfds.core.BuilderConfig(name="shapes",
                               description="the shapes world's benchmark in the official format"),
   ]
 
-  def __init__(self, *, source_dir: Optional[str] = None, **kwargs):
+  def __init__(self, *, source_dir: Optional[str] = None, source_root: Optional[str] = None,
+               **kwargs):
     self._source_dir = source_dir
+    self._source_root = source_root
     super().__init__(**kwargs)
 
+  def source_subdir(self) -> str:
+    return self.SOURCE_SUBDIR
+
   def source_dir(self) -> str:
-    return self._source_dir or default_source_dir(self.SOURCE_SUBDIR, self.builder_config.name)
+    root = self._source_root or default_root(self.builder_config.name)
+    return self._source_dir or os.path.join(root, self.source_subdir())
+
+  def has_source(self) -> bool:
+    """Whether any file the release consists of is in the source folder (folders don't count)."""
+    return any(tf.io.gfile.exists(os.path.join(self.source_dir(), path))
+               for path in self.EXPECTED if not path.endswith("/"))

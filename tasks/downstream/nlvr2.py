@@ -36,6 +36,7 @@ class Nlvr2(common.RawFilesBuilder):
   """NLVR2 statements with both images, from local files."""
   VERSION = tfds.core.Version("1.0.0")
   SOURCE_SUBDIR = "nlvr2"
+  EXPECTED = EXPECTED
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -52,13 +53,12 @@ class Nlvr2(common.RawFilesBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only
     root = self.source_dir()
-    # Images sit under images/ in the documented layout; some releases unpack them at the top.
-    expected = dict(EXPECTED)
-    if not tf.io.gfile.exists(os.path.join(root, "images")) and all(
-        tf.io.gfile.exists(os.path.join(root, name)) for name in SPLITS.values()):
-      del expected["images/"]
-    common.require(self.name, root, expected)
-    image_root = os.path.join(root, "images") if "images/" in expected else root
+    # The documented layout has images/<split>/; some unpack the image archives at the top.
+    top_level = (not tf.io.gfile.exists(os.path.join(root, "images")) and
+                 all(tf.io.gfile.exists(os.path.join(root, name)) for name in SPLITS.values()))
+    common.require(self.name, root,
+                   {k: v for k, v in EXPECTED.items() if not (top_level and k == "images/")})
+    image_root = root if top_level else os.path.join(root, "images")
     return {split: self._generate_examples(os.path.join(root, f"{name}.json"),
                                            os.path.join(image_root, name), split)
             for split, name in SPLITS.items()}

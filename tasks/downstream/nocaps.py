@@ -14,6 +14,7 @@ domain (ClassLabel: DOMAINS, for per-domain CIDEr), captions (every reference; e
 import collections
 import os
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -35,13 +36,14 @@ class Nocaps(common.RawFilesBuilder):
   """NoCaps validation (and test) images with their domains, from local files."""
   VERSION = tfds.core.Version("1.0.0")
   SOURCE_SUBDIR = "nocaps"
+  EXPECTED = EXPECTED
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3)),
-            "image_id": tfds.features.Scalar(dtype="int64"),
+            "image_id": tfds.features.Scalar(dtype=np.int64),
             "open_images_id": tfds.features.Text(),
             "domain": tfds.features.ClassLabel(names=DOMAINS),
             "captions": tfds.features.Sequence(tfds.features.Text()),

@@ -6,7 +6,7 @@ Raw files (source_dir, default $SIMVLM_DOWNSTREAM_DIR/snli_ve), from github.com/
                                    premise image had in SNLI), "sentence2" (the hypothesis),
                                    "gold_label": "entailment" | "neutral" | "contradiction",
                                    "pairID", ...}
-  flickr30k_images/<Flickr30K_ID>.jpg   the Flickr30k images (shannon.cs.illinois.edu/DenotationGraph)
+  flickr30k_images/<Flickr30K_ID>.jpg   Flickr30k images (shannon.cs.illinois.edu/DenotationGraph)
 
 Configs: official, shapes (with images); official_text, shapes_text (no images read: the premise is
 sentence1; shapes_text reads the shapes world's text-only NLI set from .../shapes/text_nli/).
@@ -40,6 +40,7 @@ class SnliVeConfig(tfds.core.BuilderConfig):
 class SnliVe(common.RawFilesBuilder):
   """SNLI-VE (or its text premises only), from local files."""
   VERSION = tfds.core.Version("1.0.0")
+  EXPECTED = EXPECTED
   BUILDER_CONFIGS = [
       SnliVeConfig(name="official", description="SNLI-VE with Flickr30k images"),
       SnliVeConfig(name="shapes", description="the shapes world's SNLI-VE-style set"),
@@ -49,9 +50,8 @@ class SnliVe(common.RawFilesBuilder):
                    description="the shapes world's text-only NLI set (scene descriptions)"),
   ]
 
-  def source_dir(self) -> str:
-    return self._source_dir or common.default_source_dir(self.builder_config.source_subdir,
-                                                         self.builder_config.name)
+  def source_subdir(self) -> str:
+    return self.builder_config.source_subdir
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {

@@ -9,13 +9,14 @@ Raw files (source_dir, default $SIMVLM_DOWNSTREAM_DIR/vqa_v2), from visualqa.org
       "answers": [{"answer", "answer_confidence", "answer_id"} x 10]}, ...]}
   v2_OpenEnded_mscoco_{test-dev2015,test2015}_questions.json   (optional, no answers)
 COCO images (image_dir; default: source_dir if it holds train2014/, else the sibling coco/ folder):
-  train2014/COCO_train2014_%012d.jpg, val2014/COCO_val2014_%012d.jpg, test2015/COCO_test2015_%012d.jpg
+  train2014/COCO_train2014_%012d.jpg, val2014/COCO_val2014_%012d.jpg,
+  test2015/COCO_test2015_%012d.jpg
 
 Splits: train, validation, and test_dev / test if their question files are there.
 Features: image, image_id, question_id, question, question_type, answer_type ("yes/no", "number",
 "other"; "" for test), multiple_choice_answer, answers (the ten raw human answers), answer_ids and
-answer_scores (the classifier target: every human answer that is in the answer vocabulary, with
-its VQA score; see `answer_scores`).
+answer_scores (the classifier target: every human answer that is in the answer vocabulary and
+scores above 0, with its VQA score; see `answer_scores`).
 
 Answer vocabulary (the literature's 3,129 answers, the bottom-up-attention recipe): normalise each
 question's multiple_choice_answer with the official VQA normalisation (`normalize_answer`), count
@@ -26,13 +27,14 @@ back with `load_answer_vocab`.
 """
 import collections
 import os
-import re
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simvlm_jax.data import paths
+from simvlm_jax.metrics import vqa as vqa_metrics
 from tasks.downstream import common
 
 ANSWER_VOCAB_FILE = "answers.txt"
@@ -66,88 +68,34 @@ EXPECTED_IMAGES = {
     "val2014/": "COCO 2014 val images, from cocodataset.org",
 }
 
-# ------------------------------------------------------------------------------------------------
-# The official answer normalisation (GT-Vision-Lab/VQA, vqaEval.py), as the bottom-up-attention
-# recipe applies it to build the answer vocabulary.
-
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
-}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = frozenset({"a", "an", "the"})
-# The official pattern, typo included: "(?!<=\d)" never matches, so this strips every period
-# that is not followed by a digit.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-                "@", "`", ",", "?", "!")
-
-
-def _process_punctuation(text: str) -> str:
-  out = text
-  for p in _PUNCTUATION:
-    if p + " " in text or " " + p in text or _COMMA_STRIP.search(text):
-      out = out.replace(p, "")
-    else:
-      out = out.replace(p, " ")
-  return _PERIOD_STRIP.sub("", out)
-
-
-def _process_digit_article(text: str) -> str:
-  words = [_NUMBERS.get(w, w) for w in text.lower().split()]
-  return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
-
 
 def normalize_answer(answer: str) -> str:
-  """The official VQA normalisation (whitespace, punctuation, lower case, number words to digits,
-  no articles, contractions restored), plus the recipe's removal of remaining commas."""
-  answer = answer.replace("\n", " ").replace("\t", " ").strip()
-  return _process_digit_article(_process_punctuation(answer)).replace(",", "")
+  """The official VQA normalisation of an answer (`simvlm_jax.metrics.vqa`), plus the recipe's
+  removal of remaining commas: the form answers take in the vocabulary."""
+  return vqa_metrics.normalize_prediction(answer).replace(",", "")
 
 
 def answer_scores(answers: Sequence[str]) -> dict[str, float]:
-  """{normalised answer: its official VQA accuracy as a prediction} for each distinct human answer.
+  """{normalised answer: the official VQA accuracy of predicting it} for each distinct human answer.
 
-  The accuracy is the mean over the leave-one-annotator-out subsets of min(1, matches / 3); with
-  ten answers that is 0.3, 0.6, 0.9 and 1.0 for 1, 2, 3 and 4+ matching humans.
+  That is `simvlm_jax.metrics.vqa.question_accuracy(candidate, answers)` (a test holds them
+  equal): the mean over the leave-one-annotator-out subsets of min(1, matches / 3), i.e. 0.3, 0.6,
+  0.9, 1.0 for an answer 1, 2, 3, 4+ of ten humans gave. So a classifier trained on these scores
+  is trained on the metric. Computed here with each distinct answer normalised once, which the
+  metric's per-prediction form would repeat for every candidate (minutes on the real data).
   """
-  normalised = [normalize_answer(a) for a in answers]
-  return {candidate: sum(min(1.0, (normalised.count(candidate) - (n == candidate)) / 3)
-                         for n in normalised) / len(normalised)
-          for candidate in sorted(set(normalised))}
+  # As the metric does: the human answers get the punctuation rule only, and only if they differ.
+  distinct = set(answers)
+  processed = {a: vqa_metrics.process_punctuation(a) if len(distinct) > 1 else a for a in distinct}
+  counts = collections.Counter(processed[a] for a in answers)
+  total = len(answers)
+  scores = {}
+  for candidate in sorted({normalize_answer(a) for a in distinct}):
+    matches = counts[candidate]
+    # Leaving out one of the `matches` humans leaves matches - 1; leaving out another leaves all.
+    scores[candidate] = (matches * min(1.0, (matches - 1) / 3) +
+                         (total - matches) * min(1.0, matches / 3)) / total
+  return scores
 
 
 def build_answer_vocab(annotations: Iterable[dict], min_count: int = 9,
@@ -173,6 +121,7 @@ class VqaV2(common.RawFilesBuilder):
   """VQA v2 with the answer vocabulary and soft scores, from local files."""
   VERSION = tfds.core.Version("1.0.0")
   SOURCE_SUBDIR = "vqa_v2"
+  EXPECTED = EXPECTED
 
   def __init__(self, *, image_dir: Optional[str] = None, min_answer_count: int = 9,
                max_answers: Optional[int] = None, **kwargs):
@@ -186,15 +135,15 @@ class VqaV2(common.RawFilesBuilder):
         description=__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3)),
-            "image_id": tfds.features.Scalar(dtype="int64"),
-            "question_id": tfds.features.Scalar(dtype="int64"),
+            "image_id": tfds.features.Scalar(dtype=np.int64),
+            "question_id": tfds.features.Scalar(dtype=np.int64),
             "question": tfds.features.Text(),
             "question_type": tfds.features.Text(),
             "answer_type": tfds.features.Text(),
             "multiple_choice_answer": tfds.features.Text(),
             "answers": tfds.features.Sequence(tfds.features.Text()),
-            "answer_ids": tfds.features.Sequence(tfds.features.Scalar(dtype="int32")),
-            "answer_scores": tfds.features.Sequence(tfds.features.Scalar(dtype="float32")),
+            "answer_ids": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32)),
+            "answer_scores": tfds.features.Sequence(tfds.features.Scalar(dtype=np.float32)),
         }),
         metadata=tfds.core.MetadataDict(min_answer_count=self._min_answer_count,
                                         max_answers=self._max_answers),
@@ -251,8 +200,8 @@ class VqaV2(common.RawFilesBuilder):
           continue
         annotation = by_question.get(question["question_id"], {})
         answers = [a["answer"] for a in annotation.get("answers", ())]
-        scored = [(answer_ids[a], s) for a, s in answer_scores(answers).items() if a in answer_ids]
-        scored.sort()
+        scored = sorted((answer_ids[a], s) for a, s in answer_scores(answers).items()
+                        if a in answer_ids and s > 0)
         yield question["question_id"], {
             "image": image,
             "image_id": image_id,
