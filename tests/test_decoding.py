@@ -1,4 +1,5 @@
 """Decoding: the cache matches the full forward pass; greedy, beam search and sampling are right."""
+import functools
 import itertools
 
 import jax
@@ -18,10 +19,11 @@ def _setup(tiny_config, arch, vocab=64, batch=2):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3)), jnp.uint8)
   prompt = jnp.array([[2, 3, 4, 0], [4, 3, 0, 0]][:batch], jnp.int32)
-  params = model.init(jax.random.PRNGKey(1), images, prompt, prompt, prompt)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), images, prompt, prompt, prompt)["params"]
   return model, params, images, prompt
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _teacher_forced_logits(model, params, images, prompt, tokens):
   """Full-sequence logits `[batch, L, vocab]` for decoder outputs `tokens`."""
   length = tokens.shape[1]
@@ -36,12 +38,14 @@ def test_cached_steps_equal_full_forward(tiny_config, arch):
   length = 7
   tokens = jnp.asarray(np.random.default_rng(2).integers(2, 64, (2, length)), jnp.int32)
   full = _teacher_forced_logits(model, params, images, prompt, tokens)
-  encoded, mask, cache = decoding._prefill(model, params, images, prompt, length)
+  encoded, mask, cache = jax.jit(decoding._prefill, static_argnums=(0, 4))(
+      model, params, images, prompt, length)
   start = decoding._positions(prompt)
   token = jnp.zeros(2, jnp.int32)
+  step_fn = jax.jit(decoding._apply_step, static_argnums=(0, 8))
   for step in range(length):
-    logits, cache = decoding._apply_step(model, params, cache, encoded, mask, token, start + step,
-                                         jnp.int32(step), length)
+    logits, cache = step_fn(model, params, cache, encoded, mask, token, start + step,
+                            jnp.int32(step), length)
     np.testing.assert_allclose(logits, full[:, step], atol=1e-5, err_msg=f"step {step}")
     token = tokens[:, step]
 
@@ -65,8 +69,9 @@ def test_greedy_is_argmax_of_teacher_forcing(tiny_config, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_beam_size_one_equals_greedy(tiny_config, arch):
   model, params, images, prompt = _setup(tiny_config, arch)
-  greedy = decoding.sample_or_greedy(model, params, images, prompt, 6)
-  beam = decoding.beam_search(model, params, images, prompt, 6, beam_size=1, alpha=0.0)
+  greedy = jax.jit(lambda p: decoding.sample_or_greedy(model, p, images, prompt, 6))(params)
+  beam = jax.jit(lambda p: decoding.beam_search(model, p, images, prompt, 6, beam_size=1,
+                                                alpha=0.0))(params)
   np.testing.assert_array_equal(beam.tokens[:, 0], greedy.tokens)
   np.testing.assert_allclose(beam.scores[:, 0], greedy.scores, rtol=1e-5)
 
@@ -92,7 +97,8 @@ def test_beam_search_finds_brute_force_best(tiny_config):
   vocab, length, alpha = 5, 3, 0.6
   model, params, images, prompt = _setup(tiny_config, "encoder_decoder", vocab=vocab)
   # With as many beams as live prefixes ((vocab - 2) ** (length - 1)), beam search is exhaustive.
-  out = decoding.beam_search(model, params, images, prompt, length, beam_size=9, alpha=alpha)
+  out = jax.jit(lambda p: decoding.beam_search(model, p, images, prompt, length, beam_size=9,
+                                               alpha=alpha))(params)
   for row, (score, seq) in enumerate(_brute_force_best(model, params, images, prompt, vocab,
                                                        length, alpha)):
     np.testing.assert_allclose(out.scores[row, 0], score, rtol=1e-5)
@@ -103,7 +109,7 @@ def test_beam_search_finds_brute_force_best(tiny_config):
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_batch_padding_does_not_change_rows(tiny_config, method):
   model, params, images, prompt = _setup(tiny_config, "encoder_decoder")
-  fn = decoding.make_decode_fn(model, method=method, max_decode_length=6, beam_size=3)
+  fn = jax.jit(decoding.make_decode_fn(model, method=method, max_decode_length=6, beam_size=3))
   alone = fn(params, images[:1], prompt[:1, :3])  # row 0, shorter static prompt length
   padded = fn(params, jnp.concatenate([images, images[:1]]),
               jnp.pad(jnp.concatenate([prompt, prompt[:1]]), ((0, 0), (0, 4))))
