@@ -28,9 +28,17 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+_TOKEN_KEYS = ("text_tokens", "prefix_tokens", "target_tokens")  # pretraining / finetuning rows
+
+
 def _count_tokens(batch: Any) -> int:
-  """Real (non-pad) text tokens plus image tokens of a host batch (for tokens/s)."""
-  return int(sum(np.count_nonzero(sub["text_tokens"]) for sub in batch.values()))
+  """Real (non-pad) text tokens of a host batch (for tokens/s)."""
+  return int(sum(np.count_nonzero(sub[k]) for sub in batch.values() for k in _TOKEN_KEYS
+                 if k in sub))
+
+
+def _count_rows(batch: Any) -> int:
+  return sum(next(sub[k] for k in _TOKEN_KEYS if k in sub).shape[0] for sub in batch.values())
 
 
 def evaluate(trainer: Trainer, params, eval_iterator_fn: Callable, max_batches: int) -> dict:
@@ -108,7 +116,7 @@ def train(model_dir: str = gin.REQUIRED,
   run_start, first_step_done = time.time(), start
   for step in range(start, end):
     batch = next(data)
-    window_examples += sum(sub["text_tokens"].shape[0] for sub in batch.values())
+    window_examples += _count_rows(batch)
     window_tokens += _count_tokens(batch)
     state, metrics = trainer.train_step(state, partitioner.shard_batch(batch))
     pending.append(metrics)

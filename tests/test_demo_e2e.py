@@ -25,7 +25,8 @@ def demo(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("demo")
   out = subprocess.run(
       [sys.executable, "-m", "simvlm_jax.demo", f"--workdir={tmp / 'work'}", "--steps=3",
-       "--train_images=64", "--heldout_images=64", "--text_statements=200"],
+       "--train_images=64", "--heldout_images=64", "--text_statements=200",
+       "--skip_downstream"],  # finetuning and eval end to end: tests/test_eval.py
       cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   return tmp, out.stdout
