@@ -7,6 +7,9 @@ Prints the median step time over `--steps` steps after `--warmup`, examples/s, t
 FLOPs per step (counted analytically from the dimensions, and XLA's own count from the compiled
 step's cost analysis), a peak measured in the same run (a large matmul in the compute dtype) and the
 MFU against it. The last line is `key=value` pairs.
+
+With `scan_layers=True` XLA's cost analysis counts a scanned loop body once, so its FLOPs fall
+short of the model count by about the depth; compare the two on unscanned runs.
 """
 import argparse
 import os
