@@ -34,12 +34,17 @@ def test_resolve_mesh_shape():
     resolve_mesh_shape((2, 2, 1), 8)
 
 
-def test_same_losses_on_every_mesh(tiny_config):
-  config = tiny_config()
-  reference = _run(config, MESHES[0])[2]
-  assert reference[-1] < reference[0]  # it trains
-  for mesh in MESHES[1:]:
-    np.testing.assert_allclose(_run(config, mesh)[2], reference, rtol=1e-5, err_msg=str(mesh))
+@pytest.fixture(scope="module")
+def reference_losses(tiny_config):
+  losses = _run(tiny_config(), MESHES[0])[2]
+  assert losses[-1] < losses[0]  # it trains
+  return losses
+
+
+# One case per mesh, so that pytest-xdist spreads the compilations over its workers.
+@pytest.mark.parametrize("mesh", MESHES[1:], ids=lambda m: "x".join(map(str, m)))
+def test_same_losses_on_every_mesh(tiny_config, reference_losses, mesh):
+  np.testing.assert_allclose(_run(tiny_config(), mesh)[2], reference_losses, rtol=1e-5)
 
 
 def _bytes_per_device(tree):
