@@ -96,6 +96,22 @@ class Checkpointer:
       items["data"] = DataIteratorRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
+    """Only the parameters of `step` (default: latest), onto `abstract_params`' shardings.
+
+    Evaluation and prediction use this: the optimizer state (twice the parameters, for Adam) is
+    never read from storage nor held in memory.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      return ckptr.restore(
+          self.manager.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+              item={"params": abstract_params}, restore_args={"params": restore_args},
+              partial_restore=True))["params"]
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -50,7 +50,7 @@ def _held_out_accuracy(model_dir: str, split: str, with_images: bool) -> float:
   gin_utils.parse_gin([os.path.join(model_dir, "config.gin")], [])
   trainer = Trainer(ModelConfig(), Partitioner((-1, 1, 1)), total_steps=1)
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
-  params = ckpt.restore(trainer.abstract_state).params
+  params = ckpt.restore_params(trainer.abstract_state.params)
   ckpt.close()
 
   def batches():

@@ -218,7 +218,7 @@ class Evaluator:
   def evaluate_step(self, step: int, output_dir: str, caption_metric_names: Sequence[str],
                     report_examples: int) -> dict:
     start = time.time()
-    params = self.ckpt.restore(self.trainer.abstract_state, step=step).params
+    params = self.ckpt.restore_params(self.trainer.abstract_state.params, step=step)
     predictions, meta, images = self.predict(params, report_examples)
     predict_s = time.time() - start
     scores, per_example = score(self.benchmark, predictions, meta, caption_metric_names)

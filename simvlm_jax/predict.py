@@ -54,7 +54,7 @@ class Predictor:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     self.step = ckpt.latest_step() if step is None else step
-    self.params = ckpt.restore(trainer.abstract_state, step=self.step).params
+    self.params = ckpt.restore_params(trainer.abstract_state.params, step=self.step)
     ckpt.close()
     self.model = trainer.model
     self._decoders = {}

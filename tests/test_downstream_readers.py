@@ -350,3 +350,46 @@ def test_seqio_tasks_carry_text_tokens_and_metric_fields(tmp_path):
   text = first("snli_ve_text", "test")
   k = int(text["inputs_pretokenized"].split()[-1])
   assert vocab.decode(text["premise"].tolist()) == f"premise {k}" and "image" not in text
+
+
+def test_task_metric_fns_are_the_official_metrics(tmp_path):
+  """The tasks' seqio metric_fns and postprocess_fn, applied as seqio's evaluator applies them
+  (targets: postprocess_fn(targets_pretokenized, example=ex, is_target=True)): the metric gets
+  the human answers / every reference, and scores a perfect or a wrong model as expected."""
+  write_vqa(tmp_path / "vqa_v2", tmp_path / "coco")
+  write_coco(tmp_path / "coco")
+  write_nlvr2(tmp_path / "nlvr2")
+  write_snli_ve(tmp_path / "snli_ve")
+  data_dir = str(tmp_path / "tfds")
+  build.main(["--data_dir", data_dir, "downstream", "--source_dir", str(tmp_path),
+              "--min_answer_count", "1"])
+
+  def evaluate(benchmark, answer=None):
+    """Metrics of a model that predicts the target text ("perfect") or always `answer`."""
+    name = registration.register_downstream(benchmark, data_dir=data_dir,
+                                            name=f"metric_fns_test_{benchmark}")
+    task = seqio.get_mixture_or_task(name)
+    examples = list(task.get_dataset(sequence_length=None, split="validation",
+                                     shuffle=False).as_numpy_iterator())
+    targets = [task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
+               for ex in examples]
+    predictions = [task.postprocess_fn(answer or ex["targets_pretokenized"].decode(),
+                                       example=ex, is_target=False) for ex in examples]
+    (metric_fn,) = task.metric_fns
+    return targets, metric_fn(targets, predictions)
+
+  # Validation question 30: ten humans answered "yes".
+  targets, scores = evaluate("vqa_v2")
+  assert [list(t["answers"]) for t in targets] == [[b"yes"] * 10]
+  assert scores == {"vqa_accuracy": 100.0, "vqa_accuracy_other": 100.0}
+  assert evaluate("vqa_v2", answer="no")[1]["vqa_accuracy"] == 0.0
+  _, nlvr2_scores = evaluate("nlvr2")
+  assert nlvr2_scores["accuracy"] == 100.0 and nlvr2_scores["confusion/true->true"] == 1.0
+  assert evaluate("nlvr2", answer="maybe")[1]["confusion/false-><other>"] == 1.0
+  assert evaluate("snli_ve")[1]["accuracy"] == 100.0
+  assert evaluate("snli_ve", answer="neutral")[1]["accuracy"] == pytest.approx(100 / 3)
+  # The validation image's two references; predicting one of them gives BLEU-1 = 1.
+  targets, captions = evaluate("coco_captions")
+  assert targets == [[b"A man number 2.", b"A dog."]]
+  assert captions["Bleu_1"] == pytest.approx(1.0) and "CIDEr" in captions
+  assert evaluate("coco_captions", answer="zebra")[1]["Bleu_1"] < 1e-6

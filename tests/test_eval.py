@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from simvlm_jax import eval as eval_lib
+from simvlm_jax.metrics import vqa as vqa_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +44,28 @@ def test_classification_scores_invalid_text_is_wrong():
   nlvr2, _ = eval_lib.score("nlvr2", ["true", "true"], [{"targets_pretokenized": b"true"},
                                                         {"targets_pretokenized": b"false"}])
   assert nlvr2["accuracy"] == 50.0
+
+
+def test_nocaps_cider_per_domain():
+  """NoCaps reports CIDEr-D per domain, each over that domain's images alone. A prediction equal
+  to all 5 of its (distinct-worded) references scores 10, one sharing no word scores 0."""
+  perfect = ["red ball on green grass", "two blue cars near tall trees",
+             "an old man reading newspapers", "small dog chasing yellow frisbee"]
+  wrong = "zebra zebra zebra zebra"
+  # (domain, references, prediction): in-domain all right, near-domain half, out-domain none.
+  rows = [("in-domain", perfect[0], perfect[0]), ("in-domain", perfect[1], perfect[1]),
+          ("near-domain", perfect[2], perfect[2]), ("near-domain", perfect[3], wrong),
+          ("out-domain", "purple kite over sandy beach", wrong),
+          ("out-domain", "three white boats in harbour", wrong)]
+  meta = [{"captions": np.array([ref.encode()] * 5), "domain": domain.encode()}
+          for domain, ref, _ in rows]
+  scores, per_image = eval_lib.score("nocaps", [p for _, _, p in rows], meta,
+                                     caption_metric_names=("CIDEr",))
+  assert scores["CIDEr_in-domain"] == pytest.approx(10.0)
+  assert scores["CIDEr_near-domain"] == pytest.approx(5.0)
+  assert scores["CIDEr_out-domain"] == pytest.approx(0.0)
+  assert scores["CIDEr"] == pytest.approx(5.0) and scores["examples"] == 6
+  assert [s["CIDEr"] for s in per_image] == pytest.approx([10, 10, 10, 0, 0, 0])
 
 
 def test_numeric_flattening():
@@ -104,6 +127,32 @@ def test_pretrain_finetune_evaluate(tmp_path):
   html = (out_dir / "report_2.html").read_text()
   assert html.count('<tr id="example-') == 12 and "data:image/jpeg;base64" in html
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))
+
+  # VQA with the classifier head (a new parameter: initialised, reported) scored by its top class.
+  answers = (tmp_path / "tfds" / "vqa_v2" / "shapes" / "1.0.0" / "answers.txt").read_text()
+  answers = answers.splitlines()
+  vqa = tmp_path / "vqa_classifier"
+  stdout = _run(tmp_path, "simvlm_jax.train", "--gin_file=models/simvlm_tiny.gin",
+                "--gin_file=finetune/vqa.gin", "--gin_file=finetune/vqa_classifier.gin",
+                "--gin_file=runs/demo_finetune.gin", "--gin.TASK='shapes_vqa_v2'",
+                f"--gin.NUM_ANSWER_CLASSES={len(answers)}", f"--gin.PRETRAINED_DIR='{pretrain}'",
+                f"--gin.train.model_dir='{vqa}'", "--gin.train.total_steps=2",
+                "--gin.BATCH_SIZE=4")
+  report = next(line for line in stdout.splitlines() if line.startswith("initialised from"))
+  assert "1 new" in report and "new: classifier/kernel" in stdout
+  _run(tmp_path, "simvlm_jax.eval", "--gin_file=gin/eval.gin",
+       f"--gin.evaluate.model_dir='{vqa}'", "--gin.evaluate.task='shapes_vqa_v2'")
+  out_dir = vqa / "eval_shapes_vqa_v2_validation"
+  scores = json.loads((out_dir / "scores.json").read_text())["2"]
+  assert scores["method"] == "classifier" and 0.0 <= scores["accuracy"] <= 100.0
+  assert set(scores["per_answer_type"]) <= {"yes/no", "number", "other"}
+  rows = [json.loads(line) for line in (out_dir / "predictions_2.jsonl").read_text().splitlines()]
+  assert len(rows) == scores["examples"] > 0
+  assert all(r["prediction"] in answers for r in rows)
+  # Each row's score is the official accuracy of its answer against the 10 human answers.
+  for r in rows:
+    assert r["score"] == pytest.approx(100 * vqa_metrics.question_accuracy(r["prediction"],
+                                                                            r["answers"]))
 
   # Zero-shot captioning of the pretraining checkpoint, same command, beam search.
   _run(tmp_path, "simvlm_jax.eval", "--gin_file=gin/eval.gin",

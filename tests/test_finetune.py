@@ -1,10 +1,14 @@
 """Finetuning batches of the downstream tasks, on a tiny shapes-world build: shapes, dtypes and
 contents (prefix without EOS, EOS-terminated targets, image pairs, VQA soft scores, premise +
 hypothesis for text-only NLI), eval padding and pass-through features, resumable position."""
+import io
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import tasks  # noqa: F401  (registers the builders)
 from simvlm_jax.data import finetune, image_ops
@@ -189,3 +193,65 @@ def test_errors(data):
     _iterator(names["nlvr2"], classifier_classes=3)
   with pytest.raises(ValueError, match="no split"):
     _iterator(names["vqa_v2"], split="compositional")
+
+
+def _write_vqa_with_bad_inputs(root):
+  """Official VQA v2 files where some inputs cannot be used: an image that is not a JPEG, a cut
+  JPEG, an empty question and an empty answer, next to two good questions."""
+  jpeg = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), np.uint8)).save(
+      jpeg, format="JPEG")
+  images = {("train2014", 1): jpeg.getvalue(), ("train2014", 2): b"not an image at all",
+            ("train2014", 3): jpeg.getvalue()[:200], ("val2014", 4): jpeg.getvalue()}
+  for (folder, image_id), data in images.items():
+    path = root / "coco" / folder / f"COCO_{folder}_{image_id:012d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+  # question id: (image, question, answer)
+  questions = {"train2014": {10: (1, "what shape is it?", "circle"), 11: (1, "", "circle"),
+                             12: (1, "what colour is it?", ""), 13: (1, "is it red?", "yes"),
+                             20: (2, "what is this?", "square"), 30: (3, "how many?", "2")},
+               "val2014": {40: (4, "what shape is it?", "circle")}}
+  for folder, items in questions.items():
+    (root / "vqa_v2").mkdir(parents=True, exist_ok=True)
+    (root / "vqa_v2" / f"v2_OpenEnded_mscoco_{folder}_questions.json").write_text(json.dumps(
+        {"questions": [{"image_id": i, "question": q, "question_id": k}
+                       for k, (i, q, _) in items.items()]}))
+    (root / "vqa_v2" / f"v2_mscoco_{folder}_annotations.json").write_text(json.dumps(
+        {"annotations": [{"question_id": k, "image_id": i, "question_type": "what",
+                          "answer_type": "other", "multiple_choice_answer": a,
+                          "answers": [{"answer": a, "answer_confidence": "yes",
+                                       "answer_id": j + 1} for j in range(10)]}
+                         for k, (i, _, a) in items.items()]}))
+
+
+def test_bad_inputs_are_dropped_and_counted(tmp_path, monkeypatch):
+  monkeypatch.setenv("SIMVLM_CACHE_DIR", str(tmp_path / "cache"))
+  _write_vqa_with_bad_inputs(tmp_path / "raw")
+  data_dir = str(tmp_path / "tfds")
+  build.main(["--data_dir", data_dir, "downstream", "--source_dir", str(tmp_path / "raw"),
+              "--min_answer_count", "1"])
+  name = registration.register_downstream("vqa_v2", data_dir=data_dir, name="ft_test_bad_vqa")
+  # One eval pass: the two bad images and the empty question are dropped and counted; an empty
+  # answer is kept (the question is still asked and scored).
+  it = _iterator(name, split="train", train=False)
+  questions = sorted(q for b in it for q, ok in zip(b["meta"]["question_id"], b["meta"]["valid"])
+                     if ok)
+  assert questions == [10, 12, 13]
+  assert it.counters() == {"dropped/bad_image": 2, "dropped/empty_prefix": 1,
+                           "dropped/empty_target": 0}
+  # Training never stops on them: an endless stream of the good rows (an empty answer is no
+  # target), every drop counted. (seqio shuffles across epochs, so the counts are not per epoch.)
+  train = _iterator(name, batch_size=2)
+  vocab = _vocab(name)
+  seen, history = set(), []
+  for _ in range(12):
+    for prefix in next(train)["image_text"]["prefix_tokens"]:
+      seen.add(vocab.decode([int(t) for t in prefix if t]))
+    history.append(train.counters())
+  assert seen == {"what shape is it?", "is it red?"}
+  for key in ("bad_image", "empty_prefix", "empty_target"):
+    counts = [h[f"dropped/{key}"] for h in history]
+    assert counts == sorted(counts) and counts[-1] >= 2, (key, counts)
+  # 24 good rows: the two bad images come as often as the two good questions, on average.
+  assert 12 <= history[-1]["dropped/bad_image"] <= 48

@@ -102,4 +102,10 @@ def test_checkpoint_restores_onto_another_mesh(tiny_config, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), expected)
     for leaf, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(other.state_shardings)):
       assert leaf.sharding == sharding
+    # The parameters alone (evaluation, prediction): same values, the target's shardings.
+    params = ckpt.restore_params(other.abstract_state.params, step=2)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
+    for leaf, sharding in zip(jax.tree.leaves(params),
+                              jax.tree.leaves(other.state_shardings.params)):
+      assert leaf.sharding == sharding
   ckpt.close()

@@ -79,6 +79,54 @@ def test_train_step_is_deterministic_and_learns(tiny_config):
   assert int(state.step) == 8
 
 
+def _np_sigmoid_ce(logits, labels):
+  """Sigmoid cross-entropy written out: -(y log s(x) + (1 - y) log(1 - s(x)))."""
+  sig = 1.0 / (1.0 + np.exp(-logits))
+  return -(labels * np.log(sig) + (1.0 - labels) * np.log(1.0 - sig))
+
+
+def test_vqa_classifier_loss_and_training(tiny_config):
+  """The 3,129-way head's loss: summed sigmoid cross-entropy over the classes against the VQA
+  soft scores, averaged over real rows (a padding row, prefix all zero, counts nothing); its
+  "accuracy" is the soft score of the top class. On a repeated batch it learns every answer."""
+  classes = 5
+  config = tiny_config(num_classes=classes)
+  part = Partitioner((1, 1, 1), devices=ONE_DEVICE)
+  rng = np.random.default_rng(0)
+  rows = 4
+  prefix = rng.integers(2, config.vocab_size, (rows, 6)).astype(np.int32)
+  prefix[:, 4:] = 0
+  prefix[3] = 0  # a padding row of the last eval batch
+  scores = np.zeros((rows, classes), np.float32)
+  scores[0, 1], scores[1, [2, 3]], scores[2, 4], scores[3, 0] = 1.0, (0.6, 0.3), 0.9, 1.0
+  batch = part.shard_batch({"image_text": {
+      "images": rng.integers(0, 255, (rows, config.image_size, config.image_size, 3), np.uint8),
+      "prefix_tokens": prefix, "class_scores": scores}})
+  gin.clear_config()
+  gin.bind_parameter("learning_rate_schedule.peak_learning_rate", 3e-3)
+  gin.bind_parameter("learning_rate_schedule.warmup_fraction", 0.0)
+  tr = trainer.Trainer(config, part, total_steps=100)
+  gin.clear_config()
+  state = tr.init_state()
+  logits = np.asarray(tr.model.apply({"params": state.params}, batch["image_text"]["images"],
+                                     batch["image_text"]["prefix_tokens"], method="classify"))
+  assert logits.shape == (rows, classes)
+  row_loss = _np_sigmoid_ce(logits.astype(np.float64), scores).sum(-1)
+  top = scores[np.arange(rows), logits.argmax(-1)]
+  sums = jax.device_get(tr.eval_step(state.params, batch))
+  np.testing.assert_allclose(sums["loss_sum"], row_loss[:3].sum(), rtol=1e-5)
+  np.testing.assert_allclose(sums["correct_sum"], top[:3].sum(), rtol=1e-5)
+  assert sums["weight_sum"] == 3.0
+
+  for _ in range(30):
+    state, metrics = tr.train_step(state, batch)
+  assert float(metrics["accuracy"]) == pytest.approx((1.0 + 0.6 + 0.9) / 3, abs=1e-6)
+  logits = np.asarray(tr.model.apply({"params": state.params}, batch["image_text"]["images"],
+                                     batch["image_text"]["prefix_tokens"], method="classify"))
+  np.testing.assert_array_equal(logits[:3].argmax(-1), [1, 2, 4])
+  assert float(metrics["loss"]) < 0.5 * row_loss[:3].mean()
+
+
 def test_split_batch_uses_global_row_index():
   tokens = jnp.array([[5, 6, 7, 8, 1, 0]] * 4, jnp.int32)
   batch = {"image_text": {"images": jnp.zeros((2, 4, 4, 3), jnp.uint8), "text_tokens": tokens[:2]},

@@ -97,19 +97,23 @@ class FinetuneIterator(DataIterator):
     self._key, self._batch_size, self._train = key, batch_size, train
 
   def __next__(self) -> dict:
-    element = next(self._iterator)  # StopIteration ends an eval pass.
-    sub = element[self._key]
-    self._counts[self._key] = np.maximum(self._counts[self._key], sub[DROP_COUNTS].numpy())
-    batch = {self._key: {k: v.numpy() for k, v in sub.items() if k != DROP_COUNTS}}
-    if self._train:
+    while True:
+      element = next(self._iterator)  # StopIteration ends an eval pass.
+      sub = element[self._key]
+      self._counts[self._key] = np.maximum(self._counts[self._key], sub[DROP_COUNTS].numpy())
+      batch = {self._key: {k: v.numpy() for k, v in sub.items() if k != DROP_COUNTS}}
+      if self._train:
+        return batch
+      meta = {k: v.numpy() for k, v in element["meta"].items()}
+      end = element["end"].numpy()
+      rows = len(end)
+      pad = lambda x: np.pad(x, [(0, self._batch_size - rows)] + [(0, 0)] * (x.ndim - 1))  # noqa
+      valid = pad(~end)
+      if not valid.any():  # only the end marker: it brought the final drop counts
+        continue
+      batch[self._key] = {k: pad(v) for k, v in batch[self._key].items()}
+      batch["meta"] = {**{k: pad(v) for k, v in meta.items()}, "valid": valid}
       return batch
-    meta = {k: v.numpy() for k, v in element["meta"].items()}
-    rows = len(batch[self._key]["prefix_tokens"])
-    pad = lambda x: np.pad(x, [(0, self._batch_size - rows)] + [(0, 0)] * (x.ndim - 1))  # noqa
-    batch[self._key] = {k: pad(v) for k, v in batch[self._key].items()}
-    batch["meta"] = {**{k: pad(v) for k, v in meta.items()},
-                     "valid": np.arange(self._batch_size) < rows}
-    return batch
 
   @property
   def element_spec(self) -> dict:
@@ -168,13 +172,21 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
       pass
   skip = set(TOKEN_FEATURES) | set(images) | {"answer_ids", "answer_scores"}
   meta_keys = [] if train else [k for k in examples.element_spec if k not in skip]
+  examples = examples.map(lambda ex: {**ex, "end": tf.constant(False)})
+  if not train:
+    # An end marker after the last example carries the drops after the last good row into the
+    # final counts; it comes out as a padding row (valid False).
+    marker = {k: tf.zeros([0] * len(s.shape), s.dtype) for k, s in examples.element_spec.items()}
+    marker["end"] = tf.constant(True)
+    examples = examples.concatenate(tf.data.Dataset.from_tensors(marker))
   row_seed = seed * 1_000_003 + shard.index
 
   def to_row(index, example):
     # The premise's text joins the prefix only without images (SNLI-VE: the image is the premise).
     prefix = _prefix(example, inputs_length, with_premise=not images)
     row = {"prefix_tokens": _pad(prefix, inputs_length)}
-    reason = tf.where(tf.size(prefix) > 0, 0, 1 + DROPS.index("empty_prefix"))
+    end = example["end"]
+    reason = tf.where((tf.size(prefix) > 0) | end, 0, 1 + DROPS.index("empty_prefix"))
     if classifier_classes:
       ids = tf.cast(example["answer_ids"], tf.int32)
       keep = ids < classifier_classes
@@ -189,12 +201,14 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
     decoded = []
     for i, name in enumerate(images):
       crop_seed = tf.stack([tf.constant(row_seed, tf.int64), index * 2 + i])
-      decoded.append(image_ops.crop_and_resize(
+      decode = lambda name=name, crop_seed=crop_seed: image_ops.crop_and_resize(  # noqa: E731
           image_ops.decode_rgb(example[name]), image_size, random=train, min_area=crop_min_area,
-          flip=flip, seed=crop_seed if train else None))
+          flip=flip, seed=crop_seed if train else None)
+      # The end marker skips decoding, so it is never mistaken for a bad image.
+      decoded.append(tf.cond(end, lambda: tf.zeros([*image_size, 3], tf.uint8), decode))
     if decoded:
       row["images"] = decoded[0] if len(decoded) == 1 else tf.stack(decoded)
-    row.update(index=index, reason=reason, meta={k: example[k] for k in meta_keys})
+    row.update(index=index, reason=reason, end=end, meta={k: example[k] for k in meta_keys})
     return row
 
   rows_ds = examples.enumerate().map(to_row, num_parallel_calls=_AUTOTUNE, deterministic=True)
@@ -212,11 +226,12 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
   rows_ds = rows_ds.filter(lambda row: row["reason"] == 0)
 
   def to_batch(batch):
-    sub = {k: v for k, v in batch.items() if k not in ("index", "reason", "meta", DROP_COUNTS)}
+    sub = {k: v for k, v in batch.items()
+           if k not in ("index", "reason", "end", "meta", DROP_COUNTS)}
     sub[DROP_COUNTS] = tf.reduce_max(batch[DROP_COUNTS], axis=0)
     out = {key: sub}
     if not train:
-      out["meta"] = batch["meta"]
+      out.update(meta=batch["meta"], end=batch["end"])
     return out
 
   # padded_batch: variable-length pass-through features (e.g. the references) pad with ""/0.

@@ -28,6 +28,12 @@ string copy; images are encoded bytes (tf.string scalars) that the pipeline deco
                           pass-through as snli_ve, no image ("image" declared optional and never
                           produced): finetune on text premises, then evaluate on snli_ve.
 
+Every task carries the benchmark's official metric as seqio `metric_fns` (`simvlm_jax.metrics`),
+with a `postprocess_fn` that hands the metric what it scores against: the 10 human answers and the
+answer type (vqa_v2), every reference caption (coco_captions, nocaps), the label word (nlvr2,
+snli_ve). (`seqio.Evaluator` cannot cache tasks whose images are encoded-bytes scalars: it
+measures every feature's length. `simvlm_jax.eval` is the evaluator.)
+
 Splits: train, validation, test (coco_captions; shapes adds compositional), validation and test
 (nocaps; shapes: validation), train, validation and test_dev, test (vqa_v2; shapes: train,
 validation), train, validation, test (nlvr2, snli_ve, snli_ve_text).
@@ -41,6 +47,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simvlm_jax.data import paths
+from simvlm_jax.metrics import captions as caption_metrics
+from simvlm_jax.metrics import classification
+from simvlm_jax.metrics import vqa as vqa_metrics
 from tasks import pretraining
 from tasks.downstream import nocaps, snli_ve
 
@@ -91,6 +100,18 @@ def _nli_example(example: dict) -> dict:
   return {**out, "premise": example["premise_text"]}
 
 
+def _vqa_postprocess(output, example=None, is_target=False):
+  """A target becomes what VQA accuracy needs (answers, answer type); a prediction stays text."""
+  if is_target:
+    return {"answers": example["answers"], "answer_type": example["answer_type"]}
+  return output
+
+
+def _caption_postprocess(output, example=None, is_target=False):
+  """A target becomes every reference caption of the image; a prediction stays text."""
+  return list(example["captions"]) if is_target else output
+
+
 def _tokenize(dataset: tf.data.Dataset, output_features: dict) -> tf.data.Dataset:
   """Tokenizes the text features only (images are tf.string features too, but stay bytes)."""
   text = {k: f for k, f in output_features.items() if f.dtype != tf.string}
@@ -104,6 +125,8 @@ class Benchmark:
   splits: dict[str, tuple[str, ...]]  # per variant
   preprocessor: Callable
   output_features: dict[str, seqio.Feature]
+  metric_fn: Callable  # seqio metric fn: (targets, predictions) -> {name: number}
+  postprocess_fn: Optional[Callable] = None
 
 
 BENCHMARKS = {
@@ -111,24 +134,29 @@ BENCHMARKS = {
         "coco_karpathy", "",
         {"official": ("train", "validation", "test"),
          "shapes": ("train", "validation", "test", "compositional")},
-        _caption_example, {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT}),
+        _caption_example, {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT},
+        caption_metrics.coco_caption_metric, _caption_postprocess),
     "nocaps": Benchmark(
         "nocaps", "", {"official": ("validation", "test"), "shapes": ("validation",)},
-        _caption_example, {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT}),
+        _caption_example, {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT},
+        caption_metrics.coco_caption_metric, _caption_postprocess),
     "vqa_v2": Benchmark(
         "vqa_v2", "",
         {"official": ("train", "validation", "test_dev", "test"),
          "shapes": ("train", "validation")},
-        _vqa_example, {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT}),
+        _vqa_example, {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT},
+        vqa_metrics.vqa_metric, _vqa_postprocess),
     "nlvr2": Benchmark(
         "nlvr2", "", {v: ("train", "validation", "test") for v in VARIANTS}, _nlvr2_example,
-        {"image_left": _IMAGE, "image_right": _IMAGE, "inputs": _TEXT, "targets": _TEXT}),
+        {"image_left": _IMAGE, "image_right": _IMAGE, "inputs": _TEXT, "targets": _TEXT},
+        classification.nlvr2_metric),
     "snli_ve": Benchmark(
         "snli_ve", "", {v: ("train", "validation", "test") for v in VARIANTS}, _nli_example,
-        {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT}),
+        {"image": _IMAGE, "inputs": _TEXT, "targets": _TEXT}, classification.snli_ve_metric),
     "snli_ve_text": Benchmark(
         "snli_ve", "_text", {v: ("train", "validation", "test") for v in VARIANTS}, _nli_example,
-        {"image": _NO_IMAGE, "inputs": _TEXT, "premise": _TEXT, "targets": _TEXT}),
+        {"image": _NO_IMAGE, "inputs": _TEXT, "premise": _TEXT, "targets": _TEXT},
+        classification.snli_ve_metric),
 }
 
 
@@ -152,7 +180,9 @@ def register_downstream(benchmark: str, variant: str = "official",
           splits=spec.splits[variant], read_only=True,
           decoders={k: tfds.decode.SkipDecoding() for k in images}),  # the pipeline decodes
       preprocessors=[spec.preprocessor, _tokenize],
-      output_features=spec.output_features)
+      output_features=spec.output_features,
+      postprocess_fn=spec.postprocess_fn,
+      metric_fns=[spec.metric_fn])
 
 
 def register_all(data_dir: Optional[str] = None) -> list[str]:
