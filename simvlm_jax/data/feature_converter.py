@@ -125,14 +125,7 @@ class PretrainFeatureConverter:
 
   def _rows(self, examples: tf.data.Dataset, kind: "_Kind") -> tf.data.Dataset:
     """Examples -> kept rows, each with the cumulative drop counts up to and including it."""
-    examples = examples.map(lambda ex: {**ex, "end": tf.constant(False)})
-    if not self.train:
-      # An end marker after the last example lets drops after the last good row be counted; it
-      # comes out as a padding row.
-      marker = {k: tf.zeros([0] * len(s.shape), s.dtype)
-                for k, s in examples.element_spec.items()}
-      marker["end"] = tf.constant(True)
-      examples = examples.concatenate(tf.data.Dataset.from_tensors(marker))
+    examples = with_end_flag(examples, marker=not self.train)
     rows = examples.enumerate().map(lambda i, ex: self._row(i, ex, kind),
                                     num_parallel_calls=_AUTOTUNE, deterministic=True)
     if kind.images:
@@ -175,6 +168,20 @@ class PretrainFeatureConverter:
     batches = self._rows(examples, kind).batch(kind.batch_size, drop_remainder=self.train)
     batches = batches.map(finish, num_parallel_calls=_AUTOTUNE)
     return batches if self.train else batches.concatenate(filler)
+
+
+def with_end_flag(examples: tf.data.Dataset, marker: bool) -> tf.data.Dataset:
+  """Adds "end" (False) to every example and, if `marker`, one empty example with end=True.
+
+  The marker follows the last example of a finite (eval) pass so that drops after the last good
+  row are still counted: it skips decoding, carries the final counts and comes out as padding.
+  """
+  examples = examples.map(lambda ex: {**ex, "end": tf.constant(False)})
+  if not marker:
+    return examples
+  empty = {k: tf.zeros([0] * len(s.shape), s.dtype) for k, s in examples.element_spec.items()}
+  empty["end"] = tf.constant(True)
+  return examples.concatenate(tf.data.Dataset.from_tensors(empty))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import tensorflow as tf
 from absl import logging
 
 from simvlm_jax.data import image_ops
-from simvlm_jax.data.feature_converter import DROP_COUNTS, finish_tokens
+from simvlm_jax.data.feature_converter import DROP_COUNTS, finish_tokens, with_end_flag
 from simvlm_jax.data.iterator import DataIterator
 from simvlm_jax.data.pipeline import _shard_info, _weighted_tasks  # pylint: disable=protected-access
 
@@ -172,13 +172,7 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
       pass
   skip = set(TOKEN_FEATURES) | set(images) | {"answer_ids", "answer_scores"}
   meta_keys = [] if train else [k for k in examples.element_spec if k not in skip]
-  examples = examples.map(lambda ex: {**ex, "end": tf.constant(False)})
-  if not train:
-    # An end marker after the last example carries the drops after the last good row into the
-    # final counts; it comes out as a padding row (valid False).
-    marker = {k: tf.zeros([0] * len(s.shape), s.dtype) for k, s in examples.element_spec.items()}
-    marker["end"] = tf.constant(True)
-    examples = examples.concatenate(tf.data.Dataset.from_tensors(marker))
+  examples = with_end_flag(examples, marker=not train)  # the marker comes out with valid False
   row_seed = seed * 1_000_003 + shard.index
 
   def to_row(index, example):
