@@ -105,12 +105,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-      return ckptr.restore(
-          self.manager.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-              item={"params": abstract_params}, restore_args={"params": restore_args},
-              partial_restore=True))["params"]
+    return _read_params(self.manager.directory / str(step) / "state", abstract_params,
+                        ocp.checkpoint_utils.construct_restore_args(abstract_params))
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -118,6 +114,14 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _read_params(state_dir: epath.Path, abstract_params: Any, restore_args: Any) -> Any:
+  """The `params` subtree of a saved TrainState (a partial restore: no optimizer state read)."""
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True))["params"]
 
 
 def _path_name(path) -> str:
@@ -166,11 +170,9 @@ def load_pretrained_params(init_from: str, target: Any) -> Tuple[Any, dict]:
   metadata = ocp.StandardCheckpointer().metadata(state_dir / "state")
   tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    loaded = ckptr.restore(state_dir / "state", args=ocp.args.PyTreeRestore(
-        item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
-  pretrained = {_path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded["params"])}
+  loaded = _read_params(state_dir / "state", abstract, jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract))
+  pretrained = {_path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
   report = {"loaded": [], "resized": [], "new": [], "unused": []}
   used = set()
 
