@@ -16,6 +16,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from simvlm_jax.errors import UserError
 from simvlm_jax.models import SimVLM
 
 Array = jax.Array
@@ -224,6 +225,12 @@ def make_decode_fn(model: SimVLM, method: str = "greedy", max_decode_length: int
     raise ValueError(f"method must be 'greedy', 'beam' or 'sample', got {method!r}")
 
   def fn(params, images, prompt_tokens, forced_tokens=None, rng=None):
+    positions = prompt_tokens.shape[1] + max_decode_length
+    if positions > model.config.max_text_len:
+      # Past the table every token would share its last position: refuse rather than clip.
+      raise UserError(f"a prompt of {prompt_tokens.shape[1]} tokens and max_decode_length "
+                      f"{max_decode_length} need {positions} text positions, the model has "
+                      f"{model.config.max_text_len}: shorten the prompt or max_decode_length")
     if method == "beam":
       out = beam_search(model, params, images, prompt_tokens, max_decode_length, beam_size, alpha,
                         forced_tokens)

@@ -37,6 +37,7 @@ from clu import metric_writers
 
 from simvlm_jax import checkpoints, decoding, distributed, gin_utils
 from simvlm_jax import train  # noqa: F401  (registers `train`, which saved configs bind)
+from simvlm_jax.errors import UserError, run_main
 from simvlm_jax.metrics import captions as caption_metrics
 from simvlm_jax.metrics import classification, vqa
 from simvlm_jax.models import ModelConfig
@@ -54,7 +55,7 @@ def benchmark_of(task: str) -> str:
   """The benchmark a task name stands for: "shapes_vqa_v2" -> "vqa_v2"."""
   name = task[len("shapes_"):] if task.startswith("shapes_") else task
   if name not in CAPTION_TASKS + ("vqa_v2",) + tuple(CLASS_LABELS):
-    raise ValueError(f"no metric for task {task!r}: expected one of vqa_v2, coco_captions, "
+    raise UserError(f"no metric for task {task!r}: expected one of vqa_v2, coco_captions, "
                      "nocaps, nlvr2, snli_ve, snli_ve_text (optionally shapes_...)")
   return name
 
@@ -141,7 +142,7 @@ class Evaluator:
                max_examples: Optional[int]):
     config_path = os.path.join(model_dir, "config.gin")
     if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"{config_path} not found: model_dir must be a training run's")
+      raise UserError(f"{config_path} not found: model_dir must be a training run's")
     from simvlm_jax.data import finetune  # TensorFlow/seqio only here
     self.model_dir, self.task, self.split = model_dir, task, split
     self.benchmark = benchmark_of(task)
@@ -150,7 +151,7 @@ class Evaluator:
     self.config = ModelConfig()
     self.vocabulary = finetune.vocabulary(task)
     if self.vocabulary.vocab_size != self.config.vocab_size:
-      raise ValueError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} token "
+      raise UserError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} token "
                        f"ids, {task!r} uses {self.vocabulary.vocab_size}")
     self.inputs_length = _run_setting("make_finetune_iterator.inputs_length", 32)
     self.targets_length = _run_setting("make_finetune_iterator.targets_length", 32)
@@ -163,7 +164,7 @@ class Evaluator:
     model = self.trainer.model
     if self.config.num_classes:
       if self.benchmark != "vqa_v2":
-        raise ValueError("a classifier model is evaluated on VQA only")
+        raise UserError("a classifier model is evaluated on VQA only")
       self.answers = finetune.answer_vocab(task)
       self.method = "classifier"
       self._predict = jax.jit(lambda p, im, pre: model.apply({"params": p}, im, pre,
@@ -212,7 +213,7 @@ class Evaluator:
         predictions, meta = predictions[:self.max_examples], meta[:self.max_examples]
         break
     if not predictions:
-      raise ValueError(f"{self.task!r} {self.split!r} has no examples")
+      raise UserError(f"{self.task!r} {self.split!r} has no examples")
     return predictions, meta, images
 
   def evaluate_step(self, step: int, output_dir: str, caption_metric_names: Sequence[str],
@@ -282,12 +283,12 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
   os.makedirs(output_dir, exist_ok=True)
   available = evaluator.steps()
   if not available:
-    raise FileNotFoundError(f"no checkpoint in {model_dir}/checkpoints")
+    raise UserError(f"no checkpoint in {model_dir}/checkpoints")
   todo = (available if steps is None else available[-1:] if steps == "latest"
           else [int(s) for s in steps])
   missing = sorted(set(todo) - set(available))
   if missing:
-    raise ValueError(f"no checkpoint for steps {missing} in {model_dir}; it has {available}")
+    raise UserError(f"no checkpoint for steps {missing} in {model_dir}; it has {available}")
   scores_path = os.path.join(output_dir, "scores.json")
   all_scores = {}
   if os.path.exists(scores_path):
@@ -319,8 +320,7 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
 def main(argv: Sequence[str]):
   del argv
   distributed.initialize()
-  gin_utils.parse_flags()
-  evaluate()
+  run_main(lambda: (gin_utils.parse_flags(), evaluate()))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Command-line gin handling shared by train, eval and predict (t5x's `--gin.KEY=VALUE` style)."""
+import difflib
 import importlib
+import inspect
 import logging as std_logging
 import os
+import re
 import sys
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import gin
 from absl import flags, logging
+
+from simvlm_jax.errors import UserError
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
@@ -26,18 +31,63 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
   """Parses gin files (looked up in `search_paths`, then the repo's `gin/`) and bindings.
 
-  A wrong file or binding fails here, before any work starts, with gin's own message.
+  A wrong file or binding fails here, before any work starts: a UserError with gin's message and,
+  for a misspelt name, the closest names that exist.
   """
   repo_gin = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+  known = getattr(gin.config, "_LOCATION_PREFIXES", [])
   for path in list(search_paths) + [os.getcwd(), repo_gin]:
-    gin.add_config_file_search_path(path)
+    if path not in known:
+      gin.add_config_file_search_path(path)
   # gin logs an error for every search path that misses before one hits; only real failures
   # (which raise) matter here.
   std_logging.disable(std_logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever fails while reading the user's config (syntax, names, files, a gin `import` of a
+    # module that is not there) is the config's fault; --traceback shows the details.
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = _suggestion(message)
+    raise UserError(f"gin: {message}{hint}") from e
   finally:
     std_logging.disable(std_logging.NOTSET)
+
+
+def _suggestion(message: str) -> str:
+  """" (did you mean ...?)" for gin's unknown-parameter and unknown-configurable messages."""
+  names: Optional[List[str]] = None
+  unknown = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
+  if unknown:
+    fn = _configurable(unknown.group(1))
+    if fn is not None:
+      target = fn.__init__ if inspect.isclass(fn) else fn
+      names, word = list(inspect.signature(target).parameters), unknown.group(2)
+  else:
+    unknown = re.search(r"No configurable matching '([^']+)'", message)
+    if unknown:
+      word = unknown.group(1).split(".")[-1]
+      names = sorted({s.split(".")[-1] for s in _configurable_selectors()})
+  if not names:
+    return ""
+  close = difflib.get_close_matches(word, names, n=3, cutoff=0.6)
+  return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+# gin keeps its registry private; these two only feed the "did you mean" hint, so a gin release
+# that moves it loses the hint, never the error.
+def _configurable(selector: str):
+  try:
+    return gin.config._REGISTRY.get_match(selector).wrapped  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _configurable_selectors() -> List[str]:
+  try:
+    return [s for s, _ in gin.config._REGISTRY.items()]  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    return []
 
 
 def main_argv() -> List[str]:

@@ -15,6 +15,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from simvlm_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "model")
 
 # Order matters: an activation `[batch, length, embed]` gives `data`+`fsdp` to `batch`, so `embed`
@@ -43,16 +45,16 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> Tuple[int
   """Replaces a single -1 in `mesh_shape` by whatever makes the product `num_devices`."""
   shape = list(mesh_shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh_shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {mesh_shape}")
+    raise UserError(f"mesh_shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {mesh_shape}")
   if shape.count(-1) > 1:
-    raise ValueError(f"at most one -1 in mesh_shape, got {mesh_shape}")
+    raise UserError(f"at most one -1 in mesh_shape, got {mesh_shape}")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"mesh_shape {mesh_shape} does not divide {num_devices} devices")
+      raise UserError(f"mesh_shape {mesh_shape} does not divide {num_devices} devices")
     shape[shape.index(-1)] = num_devices // known
   if int(np.prod(shape)) != num_devices:
-    raise ValueError(f"mesh_shape {tuple(shape)} has {int(np.prod(shape))} devices, "
+    raise UserError(f"mesh_shape {tuple(shape)} has {int(np.prod(shape))} devices, "
                      f"but {num_devices} are available")
   return tuple(shape)
 

@@ -20,6 +20,7 @@ from absl import app, flags
 
 from simvlm_jax import checkpoints, decoding, distributed, gin_utils
 from simvlm_jax import train  # noqa: F401  (registers `train`, which saved configs bind)
+from simvlm_jax.errors import UserError, run_main
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
@@ -37,22 +38,22 @@ class Predictor:
     config_path = os.path.join(model_dir, "config.gin")
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"{config_path} not found: --checkpoint_dir must be the model_dir of "
+      raise UserError(f"{config_path} not found: --checkpoint_dir must be the model_dir of "
                               "a training run (it holds config.gin and checkpoints/)")
     gin.clear_config()
     gin_utils.parse_gin([config_path], [])
     self.config = ModelConfig()
     self.vocabulary = _vocabulary_of_run()
     if self.vocabulary.vocab_size != self.config.vocab_size:
-      raise ValueError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} "
+      raise UserError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} "
                        f"token ids but the vocabulary has {self.vocabulary.vocab_size}")
     if not os.path.isdir(ckpt_dir):
-      raise FileNotFoundError(f"no checkpoint in {model_dir} (expected {ckpt_dir}/<step>/)")
+      raise UserError(f"no checkpoint in {model_dir} (expected {ckpt_dir}/<step>/)")
     trainer = Trainer(self.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]),
                       total_steps=1)
     ckpt = checkpoints.Checkpointer(ckpt_dir)
     if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+      raise UserError(f"no checkpoint in {ckpt_dir}")
     self.step = ckpt.latest_step() if step is None else step
     self.params = ckpt.restore_params(trainer.abstract_state.params, step=self.step)
     ckpt.close()
@@ -72,8 +73,6 @@ class Predictor:
     """Prompt token ids (no EOS: the model continues them), 0-padded, `[batch, length]`."""
     ids = [self.vocabulary.encode(p) for p in prompts]
     length = max(1, max(len(i) for i in ids))
-    if length >= self.config.max_text_len:
-      raise ValueError(f"prompt of {length} tokens is longer than the model's text positions")
     return np.array([i + [0] * (length - len(i)) for i in ids], np.int32)
 
   def generate(self, images: Optional[np.ndarray], prompts: Sequence[str], beam_size: int = 1,
@@ -97,7 +96,7 @@ def _vocabulary_of_run():
   try:
     name = gin.query_parameter("make_pretrain_iterator.mixture_or_task_name")
   except ValueError:
-    raise ValueError("the run's config.gin names no training task, so its vocabulary is "
+    raise UserError("the run's config.gin names no training task, so its vocabulary is "
                      "unknown (was it trained on synthetic data?)") from None
   return pipeline.vocabulary(name)
 
@@ -112,13 +111,13 @@ def load_image(path: str, size: int) -> np.ndarray:
     image = image_ops.decode_rgb(tf.constant(encoded))
     return image_ops.crop_and_resize(image, (size, size)).numpy()
   except (OSError, tf.errors.InvalidArgumentError) as e:
-    raise ValueError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+    raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
 
 
 def expand_images(pattern: str) -> List[str]:
   paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
   if not paths:
-    raise FileNotFoundError(f"no image matches {pattern!r}")
+    raise UserError(f"no image matches {pattern!r}")
   return paths
 
 
@@ -136,25 +135,25 @@ def _define_flags():
 
 def main(argv):
   del argv
-  f = flags.FLAGS
   distributed.initialize()
-  try:
-    predictor = Predictor(f.checkpoint_dir, f.step)
-    if f.image2:
-      raise ValueError(f"--image2 needs a two-image (NLVR2) model; {f.checkpoint_dir} is not one")
-    paths = expand_images(f.image)
-    for start in range(0, len(paths), f.batch_size):
-      chunk = paths[start:start + f.batch_size]
-      images = np.stack([load_image(p, predictor.config.image_size) for p in chunk])
-      for path, result in zip(chunk, predictor.generate(images, [f.prompt] * len(chunk),
-                                                        f.beam_size, f.max_decode_length)):
-        if f.format == "json":
-          print(json.dumps({"image": path, "prompt": f.prompt, **result}), flush=True)
-        else:
-          print(f"{path}\t{result['prediction']}", flush=True)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  run_main(_predict)
+
+
+def _predict():
+  f = flags.FLAGS
+  predictor = Predictor(f.checkpoint_dir, f.step)
+  if f.image2:
+    raise UserError(f"--image2 needs a two-image (NLVR2) model; {f.checkpoint_dir} is not one")
+  paths = expand_images(f.image)
+  for start in range(0, len(paths), f.batch_size):
+    chunk = paths[start:start + f.batch_size]
+    images = np.stack([load_image(p, predictor.config.image_size) for p in chunk])
+    for path, result in zip(chunk, predictor.generate(images, [f.prompt] * len(chunk),
+                                                      f.beam_size, f.max_decode_length)):
+      if f.format == "json":
+        print(json.dumps({"image": path, "prompt": f.prompt, **result}), flush=True)
+      else:
+        print(f"{path}\t{result['prediction']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,17 @@ from typing import Any, Callable, Optional, Sequence
 import gin
 import jax
 import numpy as np
-from absl import app, logging
+from absl import app
 from clu import metric_writers
 from etils import epath
+from jax.experimental import multihost_utils
 
-from simvlm_jax import checkpoints, distributed, gin_utils, objectives
+from simvlm_jax import checkpoints, distributed, gin_utils, objectives, preemption
+from simvlm_jax.errors import DivergenceError, UserError, run_main
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
+
 
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
@@ -41,19 +44,131 @@ def _count_rows(batch: Any) -> int:
   return sum(next(sub[k] for k in _TOKEN_KEYS if k in sub).shape[0] for sub in batch.values())
 
 
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process gets the same answer)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _padding_batch(iterator: Any) -> Any:
+  """An all-padding host batch (zero tokens carry no loss) of the iterator's static shapes."""
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), iterator.element_spec)
+
+
 def evaluate(trainer: Trainer, params, eval_iterator_fn: Callable, max_batches: int) -> dict:
-  """Teacher-forced loss and token accuracy over (at most `max_batches` of) an eval iterator."""
+  """Teacher-forced loss and token accuracy over (at most `max_batches` of) an eval iterator.
+
+  Every process runs the same number of eval steps, so the collectives match on a pod: each step
+  asks whether any process still has a batch, and a process whose shard is used up (shards differ
+  in files, drops and padding) feeds an all-padding batch until every shard is done.
+  `eval/examples` counts the rows evaluated (padding excluded).
+  """
+  iterator = eval_iterator_fn(shard_index=jax.process_index(), num_shards=jax.process_count())
   totals = None
-  for i, batch in enumerate(eval_iterator_fn()):
-    if i >= max_batches:
+  for _ in range(max_batches):
+    batch = next(iterator, None)
+    if not _any_process(batch is not None):
       break
+    if batch is None:
+      batch = _padding_batch(iterator)
     sums = jax.device_get(trainer.eval_step(params, trainer.partitioner.shard_batch(batch)))
     totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
   if totals is None:
-    raise ValueError("the eval iterator produced no batch")
+    raise UserError("the eval iterator produced no batch (is the eval split empty?)")
   denom = max(float(totals["weight_sum"]), 1.0)
   return {"eval/loss": float(totals["loss_sum"]) / denom,
-          "eval/accuracy": float(totals["correct_sum"]) / denom}
+          "eval/accuracy": float(totals["correct_sum"]) / denom,
+          "eval/examples": float(totals["rows_sum"])}
+
+
+class NonFiniteGuard:
+  """Applies `train.nonfinite_policy` to the steps' `nonfinite_*` metrics, one step behind.
+
+  The step itself never applies a non-finite update (see `trainer.train_step`); this decides
+  whether the run goes on. Reading step s's flags after step s + 1 is dispatched keeps the host
+  from waiting on the device. While non-finite steps follow each other, `in_streak` is True and
+  the loop writes no periodic checkpoint (keep-N would drop good ones for copies of the same
+  state).
+  """
+
+  def __init__(self, policy: str, max_consecutive: int, checkpointer: checkpoints.Checkpointer,
+               log: Callable[[str], None]):
+    if policy not in ("skip", "halt"):
+      raise UserError(f"train.nonfinite_policy must be 'skip' or 'halt', got {policy!r}")
+    if max_consecutive < 1:
+      raise UserError(f"train.max_consecutive_nonfinite must be >= 1, got {max_consecutive}")
+    self.policy, self.max_consecutive = policy, max_consecutive
+    self.ckpt, self.log = checkpointer, log
+    self.consecutive = self.total = 0
+    self._waiting: Optional[tuple[int, Any]] = None
+
+  @property
+  def in_streak(self) -> bool:
+    return self.consecutive > 0
+
+  def observe(self, step: int, metrics: dict) -> None:
+    """Queues step `step`'s metrics and checks the previous step's."""
+    previous = self._waiting
+    self._waiting = (step, {k: metrics[k] for k in ("loss", "grad_norm", *_NONFINITE)})
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self) -> None:
+    if self._waiting is not None:
+      self._check(*self._waiting)
+      self._waiting = None
+
+  def _check(self, step: int, values: dict) -> None:
+    values = jax.device_get(values)
+    if not any(int(values[k]) for k in _NONFINITE):
+      self.consecutive = 0
+      return
+    self.consecutive += 1
+    self.total += 1
+    what = " and ".join(f"the {name} ({float(values[metric])})"
+                        for key, (name, metric) in _NONFINITE.items() if int(values[key]))
+    what += " are not finite" if " and " in what else " is not finite"
+    if self.policy == "halt":
+      self._stop(f"step {step}: {what} (train.nonfinite_policy='halt'); its update was not "
+                 "applied", first_bad=step)
+    self.log(f"step {step}: {what}: update skipped ({self.consecutive} in a row, "
+             f"{self.total} in all)")
+    if self.consecutive >= self.max_consecutive:
+      first = step - self.consecutive + 1
+      self._stop(f"steps {first}-{step}: {self.consecutive} updates in a row had a non-finite "
+                 "loss or gradient norm and were skipped (train.max_consecutive_nonfinite)",
+                 first_bad=first)
+
+  def _stop(self, what: str, first_bad: int):
+    self.ckpt.wait()
+    good = [s for s in self.ckpt.all_steps() if s < first_bad]
+    where = (f"step {max(good)} ({self.ckpt.directory / str(max(good))})" if good
+             else "none (no checkpoint was written before it)")
+    raise DivergenceError(f"training diverged: {what}. The last good checkpoint is {where}; "
+                          "lower the learning rate or check the data, then resume from it")
+
+
+# metric -> (what the console calls it, the metric holding its value)
+_NONFINITE = {"nonfinite_loss": ("loss", "loss"), "nonfinite_grad": ("gradient norm", "grad_norm")}
+
+
+def _check_run_settings(total_steps: Any, log_every: Any, checkpoint_every: Any) -> None:
+  for name, value in (("total_steps", total_steps), ("log_every", log_every),
+                      ("checkpoint_every", checkpoint_every)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f"train.{name} must be a positive integer, got {value!r}")
+
+
+def _restore(ckpt: checkpoints.Checkpointer, trainer: Trainer, data: Any,
+             resume_data_position: bool, log: Callable[[str], None]) -> Optional[Any]:
+  """The newest readable checkpoint of this run (state, and data position unless told not to)."""
+  state = ckpt.restore_newest_readable(trainer.abstract_state,
+                                       data if resume_data_position else None, log=log)
+  if state is not None and not resume_data_position:
+    log(f"resumed the train state of step {int(jax.device_get(state.step))} alone "
+        "(train.resume_data_position=False): the data stream starts again from its beginning")
+  return state
 
 
 @gin.configurable(denylist=["stop_after_step"])
@@ -67,43 +182,74 @@ def train(model_dir: str = gin.REQUIRED,
           log_every: int = 10,
           checkpoint_every: int = 1000,
           keep_checkpoints: Optional[int] = 3,
-          eval_iterator_fn: Optional[Callable[[], Any]] = None,
+          eval_iterator_fn: Optional[Callable[..., Any]] = None,
           eval_every: int = 0,
           eval_batches: int = 50,
           init_from: Optional[str] = None,
+          nonfinite_policy: str = "skip",
+          max_consecutive_nonfinite: int = 5,
+          resume_data_position: bool = True,
           stop_after_step: Optional[int] = None) -> Any:
   """Trains to `total_steps` (resuming from `model_dir`) and returns the final TrainState.
 
   `train_iterator_fn(shard_index=, num_shards=)` returns this process's iterator of host batches
-  (with `save`/`restore`/`counters`). `stop_after_step` ends the run early (the schedule still
+  (with `save`/`restore`/`counters`); `eval_iterator_fn(shard_index=, num_shards=)` one pass of
+  held-out batches (with `element_spec`). `stop_after_step` ends the run early (the schedule still
   spans `total_steps`), as a preempted job would. `init_from` (a pretraining model_dir or
   checkpoint) starts a new run from those parameters where they fit (finetuning); a checkpoint of
   this run's own `model_dir` always takes precedence, so a preempted finetuning job resumes.
+
+  Faults: SIGTERM/SIGINT save the step reached and return (see `simvlm_jax.preemption`); a
+  checkpoint that cannot be read is skipped and set aside (`Checkpointer.restore_newest_readable`);
+  a step with a non-finite loss or gradient norm is never applied, and `nonfinite_policy` decides
+  what follows: "skip" goes on and stops after `max_consecutive_nonfinite` such steps in a row,
+  "halt" stops at once (both raise DivergenceError naming the last good checkpoint).
+  `resume_data_position=False` resumes the train state alone (e.g. on another number of hosts).
   """
+  _check_run_settings(total_steps, log_every, checkpoint_every)
   model_config = model_config or ModelConfig()
   partitioner = partitioner or Partitioner()
   is_main = jax.process_index() == 0
-  # epath, not os: on a pod `model_dir` is shared storage (gs://...), which `open` cannot write.
-  epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
-  trainer = Trainer(model_config, partitioner, total_steps, objective=objective, seed=seed)
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
-                                  save_every=checkpoint_every)
-  data = train_iterator_fn(shard_index=jax.process_index(), num_shards=jax.process_count())
+  log = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+  with preemption.PreemptionWatcher() as watcher:
+    # epath, not os: on a pod `model_dir` is shared storage (gs://...), which `open` cannot write.
+    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model_config, partitioner, total_steps, objective=objective, seed=seed)
+    ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
+                                    save_every=checkpoint_every)
+    try:
+      return _train_loop(trainer, ckpt, watcher, log, model_dir=model_dir,
+                         total_steps=total_steps, train_iterator_fn=train_iterator_fn,
+                         seed=seed, log_every=log_every, eval_iterator_fn=eval_iterator_fn,
+                         eval_every=eval_every, eval_batches=eval_batches, init_from=init_from,
+                         guard=NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite, ckpt,
+                                              log),
+                         resume_data_position=resume_data_position,
+                         stop_after_step=stop_after_step)
+    finally:
+      ckpt.close()
 
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(trainer.abstract_state, data)
-    logging.info("Restored step %d from %s", int(state.step), model_dir)
-  elif init_from:
+
+def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
+                watcher: preemption.PreemptionWatcher, log: Callable[[str], None], *,
+                model_dir: str, total_steps: int, train_iterator_fn: Callable, seed: int,
+                log_every: int, eval_iterator_fn: Optional[Callable], eval_every: int,
+                eval_batches: int, init_from: Optional[str], guard: NonFiniteGuard,
+                resume_data_position: bool, stop_after_step: Optional[int]) -> Any:
+  partitioner = trainer.partitioner
+  is_main = jax.process_index() == 0
+  data = train_iterator_fn(shard_index=jax.process_index(), num_shards=jax.process_count())
+  state = _restore(ckpt, trainer, data, resume_data_position, log)
+  if state is None and init_from:
     params, report = checkpoints.load_pretrained_params(init_from, trainer.init_state().params)
     state = trainer.state_from_params(params)
-    if is_main:
-      print(f"initialised from {init_from}: " + ", ".join(
-          f"{len(v)} {k}" for k, v in report.items()) +
-            "".join(f"\n  {k}: {', '.join(v)}" for k, v in report.items()
-                    if k != "loaded" and v), flush=True)
-  else:
+    log(f"initialised from {init_from}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items())
+        + "".join(f"\n  {k}: {', '.join(v)}" for k, v in report.items() if k != "loaded" and v))
+  elif state is None:
     state = trainer.init_state()
   start = int(jax.device_get(state.step))
+  if start and not init_from:
+    log(f"resumed from checkpoint {start} in {ckpt.directory}")
   end = total_steps if stop_after_step is None else min(stop_after_step, total_steps)
 
   writer = metric_writers.create_default_writer(model_dir, just_logging=not is_main)
@@ -116,37 +262,49 @@ def train(model_dir: str = gin.REQUIRED,
   run_start, first_step_done = time.time(), start
   for step in range(start, end):
     batch = next(data)
+    if step == start:
+      trainer.check_batch(batch)  # a clear error before the compiler meets wrong shapes
     window_examples += _count_rows(batch)
     window_tokens += _count_tokens(batch)
     state, metrics = trainer.train_step(state, partitioner.shard_batch(batch))
     pending.append(metrics)
     done = step + 1
+    guard.observe(done, metrics)
     if done == start + 1 and is_main:
       (epath.Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
       first_step_done, run_start = done, time.time()  # ETA excludes compilation.
     if done % log_every == 0 or done == end:
       fetched = jax.device_get(pending)
-      scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
+                 if k not in _NONFINITE}
+      scalars["nonfinite_steps"] = float(sum(max(m[k] for k in _NONFINITE) for m in fetched))
       elapsed = max(time.time() - window_start, 1e-9)
       scalars.update({"examples_per_s": window_examples / elapsed * jax.process_count(),
                       "tokens_per_s": window_tokens / elapsed * jax.process_count()})
       scalars.update({f"data/{k}": v for k, v in data.counters().items()})
       writer.write_scalars(done, scalars)
       rate = (time.time() - run_start) / max(done - first_step_done, 1)
-      if is_main:
-        print(f"step {done}/{total_steps} | loss {scalars['loss']:.4f} | "
-              f"acc {scalars['accuracy']:.3f} | lr {scalars['learning_rate']:.2e} | "
-              f"gnorm {scalars['grad_norm']:.2f} | {scalars['examples_per_s']:.1f} ex/s | "
-              f"{scalars['tokens_per_s']:.0f} tok/s | eta {_format_eta(rate * (end - done))}",
-              flush=True)
+      log(f"step {done}/{total_steps} | loss {scalars['loss']:.4f} | "
+          f"acc {scalars['accuracy']:.3f} | lr {scalars['learning_rate']:.2e} | "
+          f"gnorm {scalars['grad_norm']:.2f} | {scalars['examples_per_s']:.1f} ex/s | "
+          f"{scalars['tokens_per_s']:.0f} tok/s | eta {_format_eta(rate * (end - done))}")
       pending, window_start, window_examples, window_tokens = [], time.time(), 0, 0
     if eval_iterator_fn is not None and eval_every and (done % eval_every == 0 or done == end):
       scores = evaluate(trainer, state.params, eval_iterator_fn, eval_batches)
       writer.write_scalars(done, scores)
-      if is_main:
-        print(f"step {done} | " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-    ckpt.save(state, data, force=(done == end))
-  ckpt.close()
+      log(f"step {done} | " + " | ".join(
+          f"{k} {v:.0f}" if k == "eval/examples" else f"{k} {v:.4f}" for k, v in scores.items()))
+    if watcher.reached(done):
+      guard.flush()
+      ckpt.save(state, data, force=True, step=done)
+      ckpt.wait()
+      log(f"stopped by {watcher.received or 'a preemption notice'} after step {done}: saved "
+          f"checkpoint {done} (state and data position) in {ckpt.directory}; run the same "
+          "command to resume")
+      break
+    if not guard.in_streak or done == end:
+      ckpt.save(state, data, force=(done == end), step=done)
+  guard.flush()
   writer.flush()
   writer.close()
   return state
@@ -155,8 +313,7 @@ def train(model_dir: str = gin.REQUIRED,
 def main(argv: Sequence[str]):
   del argv
   distributed.initialize()  # Before anything touches a device; a no-op for one process.
-  gin_utils.parse_flags()
-  train()
+  run_main(lambda: (gin_utils.parse_flags(), train()))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from simvlm_jax import objectives
+from simvlm_jax.errors import UserError
 from simvlm_jax.models import ModelConfig, SimVLM
 from simvlm_jax.partitioning import Partitioner
 
@@ -127,8 +128,8 @@ def class_losses(model: SimVLM, params, split: dict, rng: Optional[Array]) -> Tu
 
 
 def _sums(model, params, splits, rng) -> Dict[str, Array]:
-  """Summed loss, correct predictions and target count over every sub-batch."""
-  sums = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+  """Summed loss, correct predictions, target count and rows with a target over every sub-batch."""
+  sums = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0, "rows_sum": 0.0}
   for i, (kind, split) in enumerate(sorted(splits.items())):
     sub_rng = None if rng is None else jax.random.fold_in(rng, i)
     if "class_scores" in split:
@@ -140,6 +141,7 @@ def _sums(model, params, splits, rng) -> Dict[str, Array]:
     sums["loss_sum"] += jnp.sum(loss * w)
     sums["correct_sum"] += jnp.sum(correct * w)
     sums["weight_sum"] += jnp.sum(w)
+    sums["rows_sum"] += jnp.sum(jnp.any(w > 0, axis=-1) if w.ndim > 1 else w > 0)
     sums[f"{kind}/loss_sum"] = jnp.sum(loss * w)
     sums[f"{kind}/weight_sum"] = jnp.sum(w)
   return sums
@@ -147,7 +149,12 @@ def _sums(model, params, splits, rng) -> Dict[str, Array]:
 
 def train_step(state: TrainState, batch: Any, *, model: SimVLM, tx: optax.GradientTransformation,
                schedule: optax.Schedule, objective: Callable, seed: int) -> Tuple[TrainState, Metrics]:
-  """One optimizer step. Loss = mean cross-entropy over all real target tokens of both row kinds."""
+  """One optimizer step. Loss = mean cross-entropy over all real target tokens of both row kinds.
+
+  A step whose loss or gradient norm is not finite changes neither the parameters nor the
+  optimizer state (only the step advances, so the next batch and draws follow as usual); the
+  metrics `nonfinite_loss` / `nonfinite_grad` (0 or 1) say so, and the loop applies its policy.
+  """
   splits = split_batch(batch, seed, state.step, objective)
   step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   dropout_rng = jax.random.fold_in(step_key, DROPOUT_STREAM)
@@ -156,13 +163,20 @@ def train_step(state: TrainState, batch: Any, *, model: SimVLM, tx: optax.Gradie
     sums = _sums(model, params, splits, dropout_rng)
     return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
 
-  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # An elementwise select that XLA fuses into the update itself: no extra pass over the state.
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (params, opt_state), (state.params, state.opt_state))
   denom = jnp.maximum(sums["weight_sum"], 1.0)
-  metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
-             "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
-             "target_tokens": sums["weight_sum"]}
+  metrics = {"loss": loss, "accuracy": sums["correct_sum"] / denom,
+             "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+             "target_tokens": sums["weight_sum"],
+             "nonfinite_loss": (~jnp.isfinite(loss)).astype(jnp.int32),
+             "nonfinite_grad": (~jnp.isfinite(grad_norm)).astype(jnp.int32)}
   for kind in splits:
     metrics[f"{kind}/loss"] = sums[f"{kind}/loss_sum"] / jnp.maximum(sums[f"{kind}/weight_sum"], 1.)
   return TrainState(state.step + 1, params, opt_state), metrics
@@ -172,6 +186,28 @@ def eval_step(params, batch: Any, *, model: SimVLM, objective: Callable, seed: i
   """Summed teacher-forced loss/accuracy (deterministic; split drawn at a fixed step 0)."""
   splits = split_batch(batch, seed, jnp.zeros((), jnp.int32), objective)
   return _sums(model, params, splits, None)
+
+
+def check_batch(config: ModelConfig, host_batch: Any) -> None:
+  """See `Trainer.check_batch`. Shapes are static, so the first batch speaks for the run."""
+  size = config.image_size
+  for kind, sub in host_batch.items():
+    if "images" in sub and tuple(sub["images"].shape[-3:-1]) != (size, size):
+      height, width = sub["images"].shape[-3:-1]
+      raise UserError(f"the {kind} images are {height}x{width} but the model takes {size}x{size} "
+                      "(ModelConfig.image_size): give the data iterator the model's image size "
+                      "(image_size = %IMAGE_SIZE)")
+    if "text_tokens" in sub:
+      length, what = sub["text_tokens"].shape[-1], "rows of"
+    elif "prefix_tokens" in sub:
+      target = sub["target_tokens"].shape[-1] if "target_tokens" in sub else 1
+      length, what = sub["prefix_tokens"].shape[-1] + target, "prefix + target tokens of"
+    else:
+      continue
+    if length > config.max_text_len:
+      raise UserError(f"the {kind} batches have {what} {length} text tokens but the model has "
+                      f"{config.max_text_len} text positions (ModelConfig.max_text_len): shorten "
+                      "the data's lengths or raise max_text_len")
 
 
 class Trainer:
@@ -231,6 +267,11 @@ class Trainer:
                    out_shardings=self.state_shardings)
     with self.partitioner.activate():
       return make(params)
+
+  def check_batch(self, host_batch: Any) -> None:
+    """Raises UserError when a batch does not fit the model: image size, or more text tokens than
+    the model has text positions (they would all share the last position, silently)."""
+    check_batch(self.config, host_batch)
 
   def train_step(self, state: TrainState, global_batch: Any) -> Tuple[TrainState, Metrics]:
     with self.partitioner.activate():

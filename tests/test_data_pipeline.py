@@ -14,6 +14,7 @@ from PIL import Image
 
 import tasks
 from simvlm_jax.data import feature_converter, pipeline
+from simvlm_jax.errors import UserError
 from tasks import shapes_builders
 
 SIZES = {"train": 48, "validation": 16, "compositional": 12}
@@ -290,7 +291,7 @@ def test_configuration_errors(shapes, own_data):
     pipeline.make_pretrain_iterator(shapes, image_text_batch_size=0, text_batch_size=0,
                                     shard_index=0, num_shards=1, **KW)
   unbuilt = tasks.register_shapes("48px", data_dir="/nonexistent/tfds", prefix="ptest_unbuilt")
-  with pytest.raises(FileNotFoundError, match="python -m tasks.build"):
+  with pytest.raises(UserError, match="python -m tasks.build"):
     pipeline.make_pretrain_iterator(unbuilt, image_text_batch_size=2, text_batch_size=2,
                                     shard_index=0, num_shards=1, **KW)
 

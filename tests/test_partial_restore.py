@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from simvlm_jax import checkpoints
+from simvlm_jax.errors import CheckpointError
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
 
@@ -65,10 +66,13 @@ def test_new_and_unused_parameters_are_reported(pretrained, tiny_config):
 def test_mismatched_shape_is_a_clear_error(pretrained, tiny_config):
   directory, _ = pretrained
   target = Trainer(tiny_config(vocab_size=80), Partitioner((-1, 1, 1)), 10).init_state().params
-  with pytest.raises(ValueError, match="token_embed/embedding: checkpoint shape"):
+  with pytest.raises(CheckpointError,
+                     match=r"token_embed/embedding is \(64, 32\) in checkpoint 0 .*\(80, 32\)"):
     checkpoints.load_pretrained_params(directory, target)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+  with pytest.raises(CheckpointError, match="no finished checkpoint"):
     checkpoints.load_pretrained_params(str(tmp_path), {})
+  with pytest.raises(CheckpointError, match="does not exist"):
+    checkpoints.load_pretrained_params(str(tmp_path / "nope"), {})

@@ -15,7 +15,8 @@ Model batch (the batch contract; numpy once the iterator has it):
   target tokens and so no loss.
 
 Bad inputs never stop the stream: an image no decoder accepts, or a caption/text that is empty
-after tokenization, is dropped and counted. Each sub-batch also carries "drop_counts" (int64 [R],
+after tokenization, is dropped and counted. Only decoding is forgiven: a damaged file or a failed
+read upstream (a corrupt TFRecord, a missing shard) stops the stream with its own error. Each sub-batch also carries "drop_counts" (int64 [R],
 cumulative over the stream, names in IMAGE_TEXT_DROPS / TEXT_DROPS), which the iterator moves
 into its counters. Counting lives inside the tf.data graph (a `scan`), so it is saved and
 restored with the iterator position and is exact across a resume.
@@ -126,11 +127,12 @@ class PretrainFeatureConverter:
   def _rows(self, examples: tf.data.Dataset, kind: "_Kind") -> tf.data.Dataset:
     """Examples -> kept rows, each with the cumulative drop counts up to and including it."""
     examples = with_end_flag(examples, marker=not self.train)
-    rows = examples.enumerate().map(lambda i, ex: self._row(i, ex, kind),
-                                    num_parallel_calls=_AUTOTUNE, deterministic=True)
+    to_row = lambda i, ex: self._row(i, ex, kind)  # noqa: E731
     if kind.images:
       # A decode error removes the row; the gap it leaves in `index` is counted as a bad image.
-      rows = rows.ignore_errors(log_warning=True)
+      rows = map_dropping_decode_errors(examples.enumerate(), to_row)
+    else:
+      rows = examples.enumerate().map(to_row, num_parallel_calls=_AUTOTUNE, deterministic=True)
     drops = len(kind.drops)
 
     def count(state, row):
@@ -168,6 +170,23 @@ class PretrainFeatureConverter:
     batches = self._rows(examples, kind).batch(kind.batch_size, drop_remainder=self.train)
     batches = batches.map(finish, num_parallel_calls=_AUTOTUNE)
     return batches if self.train else batches.concatenate(filler)
+
+
+def map_dropping_decode_errors(examples: tf.data.Dataset, fn) -> tf.data.Dataset:
+  """`examples.map(fn)` in parallel and in order, where an element whose `fn` fails is removed.
+
+  Each element is mapped in a one-element dataset of its own, so `ignore_errors` sees the errors
+  of `fn` (an undecodable image) and nothing else: an error reading `examples` itself (a damaged
+  file) is not swallowed but ends the stream. Elements keep their order, and the iterator
+  position stays checkpointable.
+  """
+  def one(*element):
+    return tf.data.Dataset.from_tensors(element).map(fn).ignore_errors()
+  return examples.interleave(one, cycle_length=_DECODE_PARALLELISM, block_length=1,
+                             num_parallel_calls=_AUTOTUNE, deterministic=True)
+
+
+_DECODE_PARALLELISM = 16  # images decoded at once per stream
 
 
 def with_end_flag(examples: tf.data.Dataset, marker: bool) -> tf.data.Dataset:

@@ -29,15 +29,19 @@ import os
 from typing import Optional, Sequence, Union
 
 import gin
+import jax
 import numpy as np
 import seqio
 import tensorflow as tf
 from absl import logging
 
 from simvlm_jax.data import image_ops
-from simvlm_jax.data.feature_converter import DROP_COUNTS, finish_tokens, with_end_flag
+from simvlm_jax.data.feature_converter import (DROP_COUNTS, finish_tokens,
+                                               map_dropping_decode_errors, with_end_flag)
 from simvlm_jax.data.iterator import DataIterator
 from simvlm_jax.data.pipeline import _shard_info, _weighted_tasks  # pylint: disable=protected-access
+from simvlm_jax.data.pipeline import check_data_available
+from simvlm_jax.errors import UserError
 
 ImageSize = Union[int, Sequence[int]]
 DROPS = ("bad_image", "empty_prefix", "empty_target")
@@ -56,9 +60,9 @@ def image_features(task: seqio.Task) -> tuple[str, ...]:
 def get_task(task_name: str) -> seqio.Task:
   (task, _), *rest = _weighted_tasks(task_name)
   if rest:
-    raise ValueError(f"{task_name!r} is a mixture; finetuning reads one task")
+    raise UserError(f"{task_name!r} is a mixture; finetuning reads one task")
   if "inputs" not in task.output_features:
-    raise ValueError(f"task {task_name!r} has no 'inputs' feature (is it a downstream task?)")
+    raise UserError(f"task {task_name!r} has no 'inputs' feature (is it a downstream task?)")
   return task
 
 
@@ -71,7 +75,7 @@ def answer_vocab(task_name: str) -> list[str]:
   source = get_task(task_name).source
   path = os.path.join(source.tfds_dataset.builder.data_dir, ANSWER_VOCAB_FILE)
   if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"no answer vocabulary at {path} (is {task_name!r} a built VQA task?)")
+    raise UserError(f"no answer vocabulary at {path} (is {task_name!r} a built VQA task?)")
   with tf.io.gfile.GFile(path) as f:
     return f.read().splitlines()
 
@@ -98,7 +102,7 @@ class FinetuneIterator(DataIterator):
 
   def __next__(self) -> dict:
     while True:
-      element = next(self._iterator)  # StopIteration ends an eval pass.
+      element = self._next_element()  # StopIteration ends an eval pass.
       sub = element[self._key]
       self._counts[self._key] = np.maximum(self._counts[self._key], sub[DROP_COUNTS].numpy())
       batch = {self._key: {k: v.numpy() for k, v in sub.items() if k != DROP_COUNTS}}
@@ -117,9 +121,11 @@ class FinetuneIterator(DataIterator):
 
   @property
   def element_spec(self) -> dict:
+    """{sub-batch: {feature: jax.ShapeDtypeStruct}} of the model batch ("meta" not included)."""
     spec = self._dataset.element_spec[self._key]
-    return {self._key: {k: (self._batch_size,) + tuple(s.shape[1:]) for k, s in spec.items()
-                        if k != DROP_COUNTS}}
+    return {self._key: {k: jax.ShapeDtypeStruct((self._batch_size,) + tuple(s.shape[1:]),
+                                                s.dtype.as_numpy_dtype)
+                        for k, s in spec.items() if k != DROP_COUNTS}}
 
 
 @gin.configurable
@@ -145,14 +151,15 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
   """
   shard = _shard_info(shard_index, num_shards)
   if batch_size % shard.num_shards:
-    raise ValueError(f"batch_size={batch_size} is not divisible by {shard.num_shards} hosts")
+    raise UserError(f"batch_size={batch_size} is not divisible by {shard.num_shards} hosts")
   rows = batch_size // shard.num_shards
   if rows < 1 or inputs_length < 1 or targets_length < 2:
-    raise ValueError("need batch_size >= hosts, inputs_length >= 1 and targets_length >= 2")
+    raise UserError("need batch_size >= hosts, inputs_length >= 1 and targets_length >= 2")
   image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
   task = get_task(task_name)
   if split not in task.splits:
-    raise ValueError(f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}")
+    raise UserError(f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}")
+  check_data_available(task, split)
   images = image_features(task)
   key = "image_text" if images else "text"
   examples = task.get_dataset(
@@ -162,7 +169,7 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
       num_epochs=None if train else 1, try_in_mem_cache=False)
   if classifier_classes:
     if "answer_ids" not in examples.element_spec:
-      raise ValueError(f"classifier_classes > 0 needs VQA answer_ids; {task.name!r} has none")
+      raise UserError(f"classifier_classes > 0 needs VQA answer_ids; {task.name!r} has none")
     try:
       answers = len(answer_vocab(task_name))
       if answers > classifier_classes:
@@ -205,9 +212,10 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
     row.update(index=index, reason=reason, end=end, meta={k: example[k] for k in meta_keys})
     return row
 
-  rows_ds = examples.enumerate().map(to_row, num_parallel_calls=_AUTOTUNE, deterministic=True)
-  if images:
-    rows_ds = rows_ds.ignore_errors(log_warning=True)  # the gap in `index` counts a bad image
+  if images:  # an undecodable image removes its row; the gap in `index` counts a bad image
+    rows_ds = map_dropping_decode_errors(examples.enumerate(), to_row)
+  else:
+    rows_ds = examples.enumerate().map(to_row, num_parallel_calls=_AUTOTUNE, deterministic=True)
 
   def count(state, row):
     next_index, counts = state

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from simvlm_jax.data.feature_converter import DROP_COUNTS
+from simvlm_jax.errors import DataError, one_line
 
 
 class DataIterator(Iterator[dict]):
@@ -30,9 +31,18 @@ class DataIterator(Iterator[dict]):
   def __iter__(self) -> "DataIterator":
     return self
 
+  def _next_element(self) -> dict:
+    """The next tf.data element; StopIteration ends a finite (eval) stream. A failed read (only
+    image decoding is forgiven, see `feature_converter`) becomes a one-line DataError."""
+    try:
+      return next(self._iterator)
+    except tf.errors.OpError as e:
+      raise DataError(f"the input pipeline cannot read its data: {type(e).__name__}: "
+                      f"{one_line(e)}") from e
+
   def __next__(self) -> dict:
     while True:
-      element = next(self._iterator)  # StopIteration ends a finite (eval) stream.
+      element = self._next_element()
       batch = {}
       for key, sub in element.items():
         self._counts[key] = np.maximum(self._counts[key], sub[DROP_COUNTS].numpy())

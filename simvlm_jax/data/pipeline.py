@@ -24,6 +24,7 @@ from absl import logging
 
 from simvlm_jax.data import feature_converter
 from simvlm_jax.data.iterator import DataIterator
+from simvlm_jax.errors import UserError
 
 ImageSize = Union[int, Sequence[int]]
 
@@ -86,7 +87,7 @@ def vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
   vocabs = [task.output_features["text"].vocabulary
             for task, _ in _weighted_tasks(mixture_or_task_name)]
   if any(v != vocabs[0] for v in vocabs[1:]):
-    raise ValueError(f"the tasks of {mixture_or_task_name!r} use different vocabularies")
+    raise UserError(f"the tasks of {mixture_or_task_name!r} use different vocabularies")
   return vocabs[0]
 
 
@@ -99,26 +100,27 @@ def _make_iterator(name: str, *, train: bool, split: str, seed: int,
   batch_sizes = {}
   for key, rows in (("image_text", image_text_batch_size), ("text", text_batch_size)):
     if rows % shard.num_shards:
-      raise ValueError(f"{key}_batch_size={rows} is not divisible by {shard.num_shards} hosts")
+      raise UserError(f"{key}_batch_size={rows} is not divisible by {shard.num_shards} hosts")
     batch_sizes[key] = rows // shard.num_shards
 
   image_text_tasks, text_tasks = [], []
   for task, rate in _weighted_tasks(name):
     _check_task(task)
+    check_data_available(task, split)
     if split not in task.splits:
       if train:
-        raise ValueError(f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}")
+        raise UserError(f"task {task.name!r} has no split {split!r}; it has {sorted(task.splits)}")
       # As seqio mixtures do: evaluate each task on the splits it has (e.g. only image-text
       # tasks have "compositional"); a kind with no such task yields padding rows only.
       logging.warning("task %r has no split %r; evaluating without it", task.name, split)
       continue
     (image_text_tasks if _has_images(task) else text_tasks).append((task, rate))
   if not image_text_tasks and not text_tasks:
-    raise ValueError(f"no task of {name!r} has a split {split!r}")
+    raise UserError(f"no task of {name!r} has a split {split!r}")
   if train:
     for key, tasks in (("image_text", image_text_tasks), ("text", text_tasks)):
       if batch_sizes[key] and not tasks:
-        raise ValueError(f"{key}_batch_size > 0 but {name!r} has no {key.replace('_', '-')} task")
+        raise UserError(f"{key}_batch_size > 0 but {name!r} has no {key.replace('_', '-')} task")
 
   converter = feature_converter.PretrainFeatureConverter(
       image_text_batch_size=batch_sizes["image_text"], text_batch_size=batch_sizes["text"],
@@ -141,11 +143,11 @@ def _make_iterator(name: str, *, train: bool, split: str, seed: int,
 
 def _shard_info(shard_index: Optional[int], num_shards: Optional[int]) -> seqio.ShardInfo:
   if (shard_index is None) != (num_shards is None):
-    raise ValueError("give both shard_index and num_shards, or neither")
+    raise UserError("give both shard_index and num_shards, or neither")
   if shard_index is None:
     shard_index, num_shards = jax.process_index(), jax.process_count()
   if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
+    raise UserError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
   return seqio.ShardInfo(index=shard_index, num_shards=num_shards)
 
 
@@ -154,7 +156,7 @@ def _weighted_tasks(name: str) -> list[tuple[seqio.Task, float]]:
   try:
     provider = seqio.get_mixture_or_task(name)
   except ValueError as e:
-    raise ValueError(f"{e} Import the module that registers it first (e.g. `import tasks` in "
+    raise UserError(f"{e} Import the module that registers it first (e.g. `import tasks` in "
                      "the gin file or --import_modules=tasks).") from None
   if isinstance(provider, seqio.Mixture):
     return [(t, provider.get_rate(t)) for t in provider.tasks if provider.get_rate(t) > 0]
@@ -168,15 +170,23 @@ def _has_images(task: seqio.Task) -> bool:
 
 def _check_task(task: seqio.Task) -> None:
   if "text" not in task.output_features:
-    raise ValueError(f"task {task.name!r} has no 'text' output feature")
+    raise UserError(f"task {task.name!r} has no 'text' output feature")
+
+
+def check_data_available(task: seqio.Task, split: str) -> None:
+  """Raises UserError, before any reading starts, when the data of `task`'s `split` is missing."""
   source = task.source
   if isinstance(source, seqio.TfdsDataSource):
     builder = source.tfds_dataset.builder
     if not builder.is_prepared():
-      raise FileNotFoundError(
+      raise UserError(
           f"task {task.name!r} reads TFDS dataset {builder.info.full_name} which is not built in "
           f"{builder.data_dir_root}; build it first (shapes world: `python -m tasks.build shapes`) "
           "or point SIMVLM_DATA_DIR at the directory that holds it.")
+  elif isinstance(source, seqio.FileDataSource) and split in source.splits:
+    if not source.list_shards(split):
+      raise UserError(f"task {task.name!r} split {split!r}: no file matches "
+                      f"{source._split_to_filepattern[split]!r}")  # pylint: disable=protected-access
 
 
 def _modality_stream(tasks: list[tuple[seqio.Task, float]], features: Sequence[str],

@@ -1,11 +1,12 @@
 """Synthetic batches: a deterministic function of (seed, step), for tests and benchmarks.
 
 The iterator follows the data iterator protocol of `simvlm_jax.data` (`__next__`, `save`,
-`restore`, `counters`) so the train loop treats it like the real pipeline.
+`restore`, `counters`, `element_spec`) so the train loop treats it like the real pipeline.
 """
 import json
 
 import gin
+import jax
 import numpy as np
 
 
@@ -29,15 +30,20 @@ def synthetic_batch(seed: int, step: int, image_text_batch: int, image_text_leng
 
 @gin.configurable
 class SyntheticIterator:
-  """Endless synthetic batches; its position is the number of batches already produced.
+  """Synthetic batches; its position is the number of batches already produced.
 
-  Batch sizes are global: this process gets rows `[shard_index * B / num_shards, ...)` of each
-  sub-batch, so any number of processes together see the same global batch.
+  Endless by default. Batch sizes are global: this process gets rows
+  `[shard_index * B / num_shards, ...)` of each sub-batch, so any number of processes together see
+  the same global batch.
+
+  `num_examples=N` makes one finite pass instead, as an eval split read by several hosts: the N
+  examples are dealt to the shards as `ds.shard` does (example i to shard i % num_shards), so
+  shards differ in size, and each host's last batch is padded with all-zero rows.
   """
 
   def __init__(self, image_text_batch: int = 8, image_text_length: int = 16, text_batch: int = 4,
                text_length: int = 32, image_size: int = 32, vocab_size: int = 128, seed: int = 0,
-               shard_index: int = 0, num_shards: int = 1):
+               shard_index: int = 0, num_shards: int = 1, num_examples: int = 0):
     for name, rows in (("image_text_batch", image_text_batch), ("text_batch", text_batch)):
       if rows % num_shards:
         raise ValueError(f"{name}={rows} is not divisible by {num_shards} processes")
@@ -47,15 +53,40 @@ class SyntheticIterator:
                        vocab_size=vocab_size)
     self.seed = seed
     self.position = 0
+    self.num_examples = num_examples
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
+    if self.num_examples:
+      return self._next_finite()
     batch = synthetic_batch(self.seed, self.position, **self.kwargs)
     self.position += 1
     return {kind: {k: np.array_split(v, self.num_shards)[self.shard_index] for k, v in sub.items()}
             for kind, sub in batch.items()}
+
+  def _next_finite(self) -> dict:
+    """The next batch of this shard's examples (each the image-text row of its own draw)."""
+    mine = np.arange(self.shard_index, self.num_examples, self.num_shards)
+    rows = self.kwargs["image_text_batch"] // self.num_shards
+    ids = mine[self.position * rows:(self.position + 1) * rows]
+    if not len(ids):
+      raise StopIteration
+    self.position += 1
+    batch = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.element_spec)
+    for row, i in enumerate(ids):
+      example = synthetic_batch(self.seed, int(i), **{**self.kwargs, "image_text_batch": 1})
+      for k, v in example["image_text"].items():
+        batch["image_text"][k][row] = v[0]
+    return batch
+
+  @property
+  def element_spec(self) -> dict:
+    """{sub-batch: {feature: jax.ShapeDtypeStruct}} of this host's batches."""
+    batch = synthetic_batch(self.seed, 0, **self.kwargs)
+    return {kind: {k: jax.ShapeDtypeStruct((v.shape[0] // self.num_shards,) + v.shape[1:], v.dtype)
+                   for k, v in sub.items()} for kind, sub in batch.items()}
 
   def save(self, path: str):
     with open(path + ".json", "w") as f:

@@ -6,6 +6,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from simvlm_jax.errors import UserError
+
 # What a rematerialised layer keeps from the forward pass (None: nothing, recompute everything).
 REMAT_POLICIES = {"none": None, "full": None,
                   "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -49,17 +51,17 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.architecture not in ("encoder_decoder", "decoder_only"):
-      raise ValueError(f"architecture must be 'encoder_decoder' or 'decoder_only', got {self.architecture!r}")
+      raise UserError(f"architecture must be 'encoder_decoder' or 'decoder_only', got {self.architecture!r}")
     if self.patchifier not in ("resnet", "linear"):
-      raise ValueError(f"patchifier must be 'resnet' or 'linear', got {self.patchifier!r}")
+      raise UserError(f"patchifier must be 'resnet' or 'linear', got {self.patchifier!r}")
     if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+      raise UserError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
     if self.attention not in ("plain", "fused"):
-      raise ValueError(f"attention must be 'plain' or 'fused', got {self.attention!r}")
+      raise UserError(f"attention must be 'plain' or 'fused', got {self.attention!r}")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+      raise UserError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
     if len(self.resnet_stage_widths) != len(self.resnet_stage_blocks):
-      raise ValueError("resnet_stage_widths and resnet_stage_blocks must have the same length")
+      raise UserError("resnet_stage_widths and resnet_stage_blocks must have the same length")
 
   @property
   def grid_size(self) -> int:
