@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "tensorboard==2.21.0",
     "pillow==13.0.0",
+    "pyarrow==26.0.1",
     "pycocoevalcap==1.2",
 ]
 

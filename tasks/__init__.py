@@ -9,12 +9,14 @@
   shapes224_*           the same at 224x224
 
 Build the data first: `python -m tasks.build shapes` (see `tasks/build.py`). Your own data:
-`register_image_text_folder`, `register_text_file` and `register_pretrain_mixture`, callable from
-Python or gin (`@register_pretrain_mixture()` as a value).
+`register_image_text_folder`, `register_webdataset` / `register_image_text_parquet` (img2dataset
+shards, read in place), `register_text_file` and `register_pretrain_mixture`, callable from Python
+or gin (`@register_pretrain_mixture()` as a value).
 """
 from tasks.folder_builder import ImageTextFolder
 from tasks.pretraining import (IMAGE_TEXT_RATE, TEXT_RATE, register_image_text_folder,
-                               register_pretrain_mixture, register_shapes, register_text_file)
+                               register_image_text_parquet, register_pretrain_mixture,
+                               register_shapes, register_text_file, register_webdataset)
 from tasks.shapes_builders import ShapesWorld, ShapesWorldText
 from tasks.vocabularies import SHAPES_VOCAB_SIZE, VOCABULARY
 from tasks import downstream  # noqa: F401  (registers the downstream tasks)

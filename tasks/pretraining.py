@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simvlm_jax.data import paths
+from tasks import webdataset
 from tasks.vocabularies import VOCABULARY
 
 IMAGE_TEXT_RATE, TEXT_RATE = 4096, 512
@@ -95,6 +96,37 @@ def register_image_text_folder(task_name: str, data_dir: str) -> str:
       output_features=IMAGE_TEXT_FEATURES)
 
 
+def register_webdataset(task_name: str, shards: webdataset.Shards,
+                        validation_shards: Optional[webdataset.Shards] = None,
+                        image_ext: Sequence[str] = webdataset.IMAGE_EXTENSIONS,
+                        caption_ext: str = "txt") -> str:
+  """Registers img2dataset WebDataset shards (`<shard>.tar` files; globs allowed), read in place.
+
+  Each sample's image is its member with the first of `image_ext` it has, its caption the
+  `caption_ext` member; hosts read whole files (at least one per host). See tasks/webdataset.py.
+  """
+  return _add_task(
+      task_name,
+      source=webdataset.webdataset_source(shards, validation_shards, image_ext, caption_ext),
+      preprocessors=[_TOKENIZE],
+      output_features=IMAGE_TEXT_FEATURES)
+
+
+def register_image_text_parquet(task_name: str, shards: webdataset.Shards,
+                                validation_shards: Optional[webdataset.Shards] = None,
+                                image_column: str = "jpg", caption_column: str = "caption") -> str:
+  """Registers parquet shards of image bytes and captions (img2dataset's output_format=parquet).
+
+  Globs allowed; files are read in place, whole files per host (at least one per host). Rows whose
+  image is null (img2dataset's failed downloads) are skipped. See tasks/webdataset.py.
+  """
+  return _add_task(
+      task_name,
+      source=webdataset.parquet_source(shards, validation_shards, image_column, caption_column),
+      preprocessors=[_TOKENIZE],
+      output_features=IMAGE_TEXT_FEATURES)
+
+
 def register_text_file(task_name: str, train_files: Union[str, Sequence[str]],
                        validation_files: Union[str, Sequence[str], None] = None) -> str:
   """Registers a text-only task over plain-text files (one example per line; globs allowed)."""
@@ -127,6 +159,6 @@ def register_pretrain_mixture(name: str, image_text_tasks: TaskRates, text_tasks
 
 # Gin sees configurable versions (e.g. `@register_shapes()` as a value); Python calls, such as the
 # presets registered on `import tasks`, stay untouched by gin bindings.
-for _fn in (register_shapes, register_image_text_folder, register_text_file,
-            register_pretrain_mixture):
+for _fn in (register_shapes, register_image_text_folder, register_webdataset,
+            register_image_text_parquet, register_text_file, register_pretrain_mixture):
   gin.external_configurable(_fn, module="tasks")

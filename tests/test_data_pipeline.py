@@ -313,6 +313,34 @@ def test_finish_tokens(tokens, expected, has_text):
   assert out.numpy().tolist() == expected and bool(nonempty) == has_text
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_decode_errors_are_dropped_in_order_and_input_errors_stop_the_stream(train):
+  """Bad images across several decode groups, at a group's end and in the last partial group."""
+  bad = {3, 15, 16, 17, 40, 44}
+  images = [b"not an image" if i in bad else _png(np.full((4, 4, 3), i, np.uint8))
+            for i in range(45)]
+  examples = tf.data.Dataset.from_tensor_slices(
+      {"image": images, "text": [[i + 3] for i in range(45)]})
+  converter = feature_converter.PretrainFeatureConverter(
+      image_text_batch_size=4, text_batch_size=0, image_text_length=4, text_length=4,
+      image_size=(4, 4), train=train)
+  batches = list(converter(examples.repeat(2) if train else examples, None).take(19))
+  rows = [(int(t[0]) - 3, int(image[0, 0, 0])) for b in batches
+          for t, image in zip(b["image_text"]["text_tokens"], b["image_text"]["images"]) if t[0]]
+  good = [i for i in range(45) if i not in bad]
+  assert rows == [(i, i) for i in (good + good)[:len(rows)]]
+  assert len(rows) == (76 if train else 39)  # train: 19 full batches; eval: all 39, padded
+  if not train:
+    assert batches[-1]["image_text"]["drop_counts"].numpy().tolist() == [6, 0]
+
+  def damaged(i):  # an error of the input itself, as a truncated file gives
+    tf.debugging.assert_none_equal(i, tf.constant(20, tf.int64), message="damaged input")
+    return {"image": tf.constant(images[0]), "text": tf.constant([5])}
+
+  with pytest.raises(tf.errors.InvalidArgumentError, match="damaged input"):
+    list(converter(tf.data.Dataset.range(45).map(damaged), None))
+
+
 def test_converter_rejects_bad_settings():
   base = dict(image_text_batch_size=2, text_batch_size=2, image_text_length=8, text_length=8,
               image_size=(8, 8), train=True)

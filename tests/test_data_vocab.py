@@ -1,14 +1,19 @@
-"""SentencePiece vocabularies: T5 ids, round trips, deterministic cached training, gin override."""
+"""SentencePiece vocabularies: T5 ids, round trips, deterministic cached training, gin override,
+and `python -m tasks.build vocab --from` on your own text."""
 import io
+import json
 import os
+import tarfile
 
 import gin
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
 import tasks
 from simvlm_jax.data import vocab
-from tasks import shapes_world
+from tasks import build, shapes_world
 
 SENTENCES = [f"a {size} {colour} {shape} to the left of a {shape2}"
              for size in ("small", "large") for colour in shapes_world.COLOURS
@@ -103,3 +108,63 @@ def test_tasks_share_one_vocabulary():
   assert image_text is text is tasks.VOCABULARY
   # The feature converter appends EOS, so the tasks do not.
   assert not any(f.add_eos for f in tasks.pretraining.TEXT_FEATURES.values())
+
+
+def _write_corpus(folder) -> list[str]:
+  """Text in every format `vocab --from` reads; returns the sentences in reading order."""
+  half = len(SENTENCES) // 2
+  (folder / "a.txt").write_text("\n".join(SENTENCES[:half]) + "\n\n   \n")
+  (folder / "b.jsonl").write_text("\n".join(
+      json.dumps({"image": f"{i}.jpg", "caption": s}) for i, s in enumerate(SENTENCES[half:])))
+  (folder / "c.tsv").write_text("a  tsv\tcaption\thttp://x/1.jpg\nanother one\thttp://x/2.jpg\n")
+  with tarfile.open(folder / "d.tar", "w") as tar:
+    for name, data in [("000000000.jpg", b"\xff\xd8"), ("000000000.txt", b"a caption in a tar"),
+                       ("000000001.txt", b"")]:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  pq.write_table(pa.table({"caption": ["a parquet caption", None], "jpg": [b"x", None]}),
+                 folder / "e.parquet")
+  return (SENTENCES + ["a tsv", "another one", "a caption in a tar", "a parquet caption"])
+
+
+def test_corpus_sentences_reads_every_format_in_order(tmp_path):
+  expected = _write_corpus(tmp_path)
+  patterns = [str(tmp_path / "[ab].*"), str(tmp_path / "c.tsv"), str(tmp_path / "*.tar"),
+              str(tmp_path / "e.parquet")]
+  assert list(tasks.vocabularies.corpus_sentences(patterns)) == expected
+  with pytest.raises(ValueError, match=r"b.jsonl:1 has no 'text' key"):
+    list(tasks.vocabularies.corpus_sentences(str(tmp_path / "b.jsonl"), field="text"))
+
+
+def test_build_vocab_from_your_own_text(tmp_path, capsys):
+  _write_corpus(tmp_path)
+  outputs = []
+  for run in ("first", "second"):  # separate caches: the second run trains again
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setenv("SIMVLM_CACHE_DIR", str(tmp_path / f"cache_{run}"))
+      output = str(tmp_path / f"{run}.model")
+      build.main(["vocab", "--from", str(tmp_path / "*.*"), "--vocab_size", "300",
+                  "--output", output])
+      outputs.append(output)
+  assert f"sentencepiece_vocabulary.model_path = '{outputs[1]}'" in capsys.readouterr().out
+  with open(outputs[0], "rb") as f, open(outputs[1], "rb") as g:
+    assert f.read() == g.read()
+  processor = spm.SentencePieceProcessor(model_file=outputs[0])
+  assert (processor.pad_id(), processor.eos_id(), processor.unk_id(), processor.bos_id()) == (
+      0, 1, 2, -1)
+  assert processor.get_piece_size() == 300
+  # Pieces learned from the corpus: words in every sentence.
+  assert processor.encode("to the left of", out_type=str) == ["▁to", "▁the", "▁left", "▁of"]
+  unseen = "zebra 日本 ✓ ß"
+  ids = processor.encode(unseen)
+  assert processor.unk_id() not in ids and processor.decode(ids) == unseen
+
+
+def test_build_vocab_flags_need_from(capsys):
+  with pytest.raises(SystemExit):
+    build.main(["vocab", "--vocab_size", "300"])
+  assert "--vocab_size need --from" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    build.main(["vocab", "--from", "x.txt", "--vocab_size", "259"])
+  assert "--vocab_size must be > 259" in capsys.readouterr().err

@@ -15,14 +15,14 @@ Model batch (the batch contract; numpy once the iterator has it):
   target tokens and so no loss.
 
 Bad inputs never stop the stream: an image no decoder accepts, or a caption/text that is empty
-after tokenization, is dropped and counted. Only decoding is forgiven: a damaged file or a failed
-read upstream (a corrupt TFRecord, a missing shard) stops the stream with its own error. Each sub-batch also carries "drop_counts" (int64 [R],
-cumulative over the stream, names in IMAGE_TEXT_DROPS / TEXT_DROPS), which the iterator moves
-into its counters. Counting lives inside the tf.data graph (a `scan`), so it is saved and
-restored with the iterator position and is exact across a resume.
+after tokenization, is dropped and counted. An error of the input stream itself (a damaged or
+truncated file) is no bad input: it stops the stream (see `map_catching_errors`). Each sub-batch
+also carries "drop_counts" (int64 [R], cumulative over the stream, names in IMAGE_TEXT_DROPS /
+TEXT_DROPS), which the iterator moves into its counters. Counting lives inside the tf.data graph
+(a `scan`), so it is saved and restored with the iterator position and is exact across a resume.
 """
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -33,6 +33,7 @@ IMAGE_TEXT_DROPS = ("bad_image", "empty_caption")
 TEXT_DROPS = ("empty_text",)
 DROP_COUNTS = "drop_counts"
 _AUTOTUNE = tf.data.AUTOTUNE
+_CATCH_GROUP = 16  # examples per dataset in `map_catching_errors`
 
 
 def finish_tokens(tokens: tf.Tensor, length: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -105,12 +106,15 @@ class PretrainFeatureConverter:
     return batches.map(lambda b: {key: {k: v for k, v in sub.items() if k != "live"}
                                   for key, sub in b.items()})
 
-  def _row(self, index: tf.Tensor, example: dict, kind: "_Kind") -> dict:
-    """One example -> one row, plus its stream index, end flag and drop reason (0: keep)."""
+  def _row(self, index: tf.Tensor, example: dict, kind: "_Kind", decode: bool = True) -> dict:
+    """One example -> one row, plus its end flag and drop reason (0: keep).
+
+    decode=False gives the row of an image that failed to decode: a zero image, reason bad_image.
+    """
     end = example["end"]
     tokens, has_text = finish_tokens(example["text"], kind.length)
     empty_reason = 1 + kind.drops.index("empty_caption" if kind.images else "empty_text")
-    row = {"text_tokens": tokens * tf.cast(~end, tf.int32), "index": index, "end": end,
+    row = {"text_tokens": tokens * tf.cast(~end, tf.int32), "end": end,
            "reason": tf.where(has_text | end, 0, empty_reason)}
     if kind.images:
 
@@ -120,31 +124,27 @@ class PretrainFeatureConverter:
             decoded, self.image_size, random=self.train, min_area=self.crop_min_area,
             flip=self.flip, seed=tf.stack([tf.constant(self.seed, tf.int64), index]))
 
+      zeros = lambda: tf.zeros([*self.image_size, 3], tf.uint8)  # noqa: E731
+      if not decode:
+        return {**row, "images": zeros(),
+                "reason": tf.constant(1 + kind.drops.index("bad_image"))}
       # The end marker skips decoding, so it is never mistaken for a bad image.
-      row["images"] = tf.cond(end, lambda: tf.zeros([*self.image_size, 3], tf.uint8), image)
+      row["images"] = tf.cond(end, zeros, image)
     return row
 
   def _rows(self, examples: tf.data.Dataset, kind: "_Kind") -> tf.data.Dataset:
     """Examples -> kept rows, each with the cumulative drop counts up to and including it."""
-    examples = with_end_flag(examples, marker=not self.train)
-    to_row = lambda i, ex: self._row(i, ex, kind)  # noqa: E731
-    if kind.images:
-      # A decode error removes the row; the gap it leaves in `index` is counted as a bad image.
-      rows = map_dropping_decode_errors(examples.enumerate(), to_row)
-    else:
-      rows = examples.enumerate().map(to_row, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    bad_row = lambda i, ex: self._row(i, ex, kind, decode=False)  # noqa: E731
+    rows = to_rows(examples, lambda i, ex: self._row(i, ex, kind),
+                   bad_row if kind.images else None, marker=not self.train)
     drops = len(kind.drops)
 
-    def count(state, row):
-      next_index, counts = state
+    def count(counts, row):
       counts += tf.one_hot(row["reason"] - 1, drops, dtype=tf.int64)
-      if kind.images:
-        gap = row["index"] - next_index
-        counts += tf.one_hot(kind.drops.index("bad_image"), drops, dtype=tf.int64) * gap
-      out = {k: v for k, v in row.items() if k not in ("index", "reason", "end")}
-      return (row["index"] + 1, counts), {**out, DROP_COUNTS: counts, "keep": row["reason"] == 0}
+      out = {k: v for k, v in row.items() if k not in ("reason", "end")}
+      return counts, {**out, DROP_COUNTS: counts, "keep": row["reason"] == 0}
 
-    rows = rows.scan((tf.constant(0, tf.int64), tf.zeros([drops], tf.int64)), count)
+    rows = rows.scan(tf.zeros([drops], tf.int64), count)
     return rows.filter(lambda row: row["keep"]).map(
         lambda row: {k: v for k, v in row.items() if k != "keep"})
 
@@ -172,35 +172,62 @@ class PretrainFeatureConverter:
     return batches if self.train else batches.concatenate(filler)
 
 
-def map_dropping_decode_errors(examples: tf.data.Dataset, fn) -> tf.data.Dataset:
-  """`examples.map(fn)` in parallel and in order, where an element whose `fn` fails is removed.
+def to_rows(examples: tf.data.Dataset, to_row: Callable[..., dict],
+            bad_row: Optional[Callable[..., dict]] = None, *, marker: bool) -> tf.data.Dataset:
+  """Examples -> rows, in order: `to_row(index, example)`, each example given "end": False.
 
-  Each element is mapped in a one-element dataset of its own, so `ignore_errors` sees the errors
-  of `fn` (an undecodable image) and nothing else: an error reading `examples` itself (a damaged
-  file) is not swallowed but ends the stream. Elements keep their order, and the iterator
-  position stays checkpointable.
+  Args:
+    examples: a stream of feature dicts.
+    to_row: (int64 index in the stream, example) -> row.
+    bad_row: if given, an example on which `to_row` raises (an image no decoder accepts) gives
+      `bad_row(index, example)` instead (see `map_catching_errors`).
+    marker: end with `to_row` of one empty example with "end": True. It follows the last example
+      of a finite (eval) pass, after every bad row, so that drops after the last good row are
+      still counted: it skips decoding, carries the final counts and comes out as padding.
   """
-  def one(*element):
-    return tf.data.Dataset.from_tensors(element).map(fn).ignore_errors()
-  return examples.interleave(one, cycle_length=_DECODE_PARALLELISM, block_length=1,
-                             num_parallel_calls=_AUTOTUNE, deterministic=True)
-
-
-_DECODE_PARALLELISM = 16  # images decoded at once per stream
-
-
-def with_end_flag(examples: tf.data.Dataset, marker: bool) -> tf.data.Dataset:
-  """Adds "end" (False) to every example and, if `marker`, one empty example with end=True.
-
-  The marker follows the last example of a finite (eval) pass so that drops after the last good
-  row are still counted: it skips decoding, carries the final counts and comes out as padding.
-  """
-  examples = examples.map(lambda ex: {**ex, "end": tf.constant(False)})
+  indexed = examples.map(lambda ex: {**ex, "end": tf.constant(False)}).enumerate()
+  if bad_row is None:
+    rows = indexed.map(to_row, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  else:
+    rows = map_catching_errors(indexed, to_row, bad_row)
   if not marker:
-    return examples
+    return rows
   empty = {k: tf.zeros([0] * len(s.shape), s.dtype) for k, s in examples.element_spec.items()}
-  empty["end"] = tf.constant(True)
-  return examples.concatenate(tf.data.Dataset.from_tensors(empty))
+  end = tf.data.Dataset.from_tensors({**empty, "end": tf.constant(True)}).enumerate()
+  return rows.concatenate(end.map(to_row))
+
+
+def map_catching_errors(elements: tf.data.Dataset, fn: Callable[..., dict],
+                        fallback: Callable[..., dict]) -> tf.data.Dataset:
+  """`elements.map(fn)`, in parallel, with `fallback(*element)` for elements on which `fn` raises.
+
+  Only the errors of `fn` are caught: an error of `elements` itself (a damaged or truncated file)
+  still stops the stream, where `ignore_errors` over the whole stream would drop it as if it were
+  one bad example. For that, elements go through `fn` in groups of _CATCH_GROUP, each group in a
+  dataset of its own (one dataset per element would cost ~0.5 ms of CPU per element). Rows keep
+  the elements' order, except that a group's fallback rows come at the group's end.
+  """
+  spec = elements.element_spec
+
+  def with_shapes(*element):
+    return element, tf.nest.map_structure(tf.shape, element)
+
+  def unpad(element, shapes):
+    return tf.nest.map_structure(
+        lambda v, shape, s: tf.ensure_shape(tf.slice(v, tf.zeros_like(shape), shape), s.shape),
+        element, shapes, spec)
+
+  def group(batch, shapes):
+    size = tf.shape(tf.nest.flatten(shapes)[0], out_type=tf.int64)[0]
+    members = tf.data.Dataset.from_tensor_slices((batch, shapes)).map(unpad)
+    caught = members.map(fn).ignore_errors(log_warning=True)
+    # Filling every group up to its size keeps the groups in order through the interleave.
+    return caught.concatenate(members.take(1).map(fallback).repeat()).take(size)
+
+  # padded_batch, not ragged_batch: ragged slices would come back as RaggedTensors.
+  groups = elements.map(with_shapes).padded_batch(_CATCH_GROUP)
+  return groups.interleave(group, cycle_length=_AUTOTUNE, block_length=_CATCH_GROUP,
+                           num_parallel_calls=_AUTOTUNE, deterministic=True)
 
 
 @dataclasses.dataclass(frozen=True)

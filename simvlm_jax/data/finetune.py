@@ -36,8 +36,7 @@ import tensorflow as tf
 from absl import logging
 
 from simvlm_jax.data import image_ops
-from simvlm_jax.data.feature_converter import (DROP_COUNTS, finish_tokens,
-                                               map_dropping_decode_errors, with_end_flag)
+from simvlm_jax.data.feature_converter import DROP_COUNTS, finish_tokens, to_rows
 from simvlm_jax.data.iterator import DataIterator
 from simvlm_jax.data.pipeline import _shard_info, _weighted_tasks  # pylint: disable=protected-access
 from simvlm_jax.data.pipeline import check_data_available
@@ -48,7 +47,6 @@ DROPS = ("bad_image", "empty_prefix", "empty_target")
 IMAGE_PAIR = ("image_left", "image_right")
 TOKEN_FEATURES = ("inputs", "targets", "premise")
 ANSWER_VOCAB_FILE = "answers.txt"  # written next to the built vqa_v2 dataset
-_AUTOTUNE = tf.data.AUTOTUNE
 
 
 def image_features(task: seqio.Task) -> tuple[str, ...]:
@@ -179,10 +177,10 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
       pass
   skip = set(TOKEN_FEATURES) | set(images) | {"answer_ids", "answer_scores"}
   meta_keys = [] if train else [k for k in examples.element_spec if k not in skip]
-  examples = with_end_flag(examples, marker=not train)  # the marker comes out with valid False
   row_seed = seed * 1_000_003 + shard.index
 
-  def to_row(index, example):
+  def to_row(index, example, decode=True):
+    """decode=False: the row of an image that failed to decode (zero images, reason bad_image)."""
     # The premise's text joins the prefix only without images (SNLI-VE: the image is the premise).
     prefix = _prefix(example, inputs_length, with_premise=not images)
     row = {"prefix_tokens": _pad(prefix, inputs_length)}
@@ -200,36 +198,35 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
       if train:
         reason = tf.where((reason == 0) & ~has_target, 1 + DROPS.index("empty_target"), reason)
     decoded = []
+    zeros = lambda: tf.zeros([*image_size, 3], tf.uint8)  # noqa: E731
     for i, name in enumerate(images):
       crop_seed = tf.stack([tf.constant(row_seed, tf.int64), index * 2 + i])
-      decode = lambda name=name, crop_seed=crop_seed: image_ops.crop_and_resize(  # noqa: E731
+      decode_image = lambda name=name, crop_seed=crop_seed: image_ops.crop_and_resize(  # noqa: E731
           image_ops.decode_rgb(example[name]), image_size, random=train, min_area=crop_min_area,
           flip=flip, seed=crop_seed if train else None)
       # The end marker skips decoding, so it is never mistaken for a bad image.
-      decoded.append(tf.cond(end, lambda: tf.zeros([*image_size, 3], tf.uint8), decode))
+      decoded.append(tf.cond(end, zeros, decode_image) if decode else zeros())
+    if not decode:
+      reason = tf.constant(1 + DROPS.index("bad_image"))
     if decoded:
       row["images"] = decoded[0] if len(decoded) == 1 else tf.stack(decoded)
-    row.update(index=index, reason=reason, end=end, meta={k: example[k] for k in meta_keys})
+    row.update(reason=reason, end=end, meta={k: example[k] for k in meta_keys})
     return row
 
-  if images:  # an undecodable image removes its row; the gap in `index` counts a bad image
-    rows_ds = map_dropping_decode_errors(examples.enumerate(), to_row)
-  else:
-    rows_ds = examples.enumerate().map(to_row, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  bad_row = lambda i, ex: to_row(i, ex, decode=False)  # noqa: E731
+  # The end marker (eval) comes out as a row with valid False.
+  rows_ds = to_rows(examples, to_row, bad_row if images else None, marker=not train)
 
-  def count(state, row):
-    next_index, counts = state
+  def count(counts, row):
     counts += tf.one_hot(row["reason"] - 1, len(DROPS), dtype=tf.int64)
-    counts += tf.one_hot(DROPS.index("bad_image"), len(DROPS), dtype=tf.int64) * (
-        row["index"] - next_index)
-    return (row["index"] + 1, counts), {**row, DROP_COUNTS: counts}
+    return counts, {**row, DROP_COUNTS: counts}
 
-  rows_ds = rows_ds.scan((tf.constant(0, tf.int64), tf.zeros([len(DROPS)], tf.int64)), count)
+  rows_ds = rows_ds.scan(tf.zeros([len(DROPS)], tf.int64), count)
   rows_ds = rows_ds.filter(lambda row: row["reason"] == 0)
 
   def to_batch(batch):
     sub = {k: v for k, v in batch.items()
-           if k not in ("index", "reason", "end", "meta", DROP_COUNTS)}
+           if k not in ("reason", "end", "meta", DROP_COUNTS)}
     sub[DROP_COUNTS] = tf.reduce_max(batch[DROP_COUNTS], axis=0)
     out = {key: sub}
     if not train:

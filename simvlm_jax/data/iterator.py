@@ -3,7 +3,13 @@
 The position is tf.data's own iterator state (shuffle buffers, file offsets, random streams,
 prefetched batches), written with tf.train.Checkpoint, so a restored iterator continues with
 exactly the batch the saved one would have produced next: nothing replayed, nothing skipped.
+
+Iterators still open when the interpreter exits are closed first (`atexit`): a tf.data thread
+inside a Python function (e.g. a reader's tf.numpy_function) dies once the interpreter
+finalizes, and an iterator destroyed after that would wait for it forever.
 """
+import atexit
+import weakref
 from typing import Iterator, Mapping, Sequence
 
 import jax
@@ -27,6 +33,7 @@ class DataIterator(Iterator[dict]):
     self._iterator = iter(dataset)
     self._drop_names = {k: tuple(v) for k, v in drop_names.items()}
     self._counts = {k: np.zeros(len(v), np.int64) for k, v in self._drop_names.items()}
+    _OPEN.add(self)
 
   def __iter__(self) -> "DataIterator":
     return self
@@ -78,3 +85,13 @@ class DataIterator(Iterator[dict]):
     checkpoint, counts = self._checkpoint()
     checkpoint.read(path).assert_consumed()
     self._counts = {k: v.numpy() for k, v in counts.items()}
+
+
+_OPEN: "weakref.WeakSet[DataIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  """Destroys the tf.data iterators while their threads can still run Python."""
+  for iterator in list(_OPEN):
+    iterator._iterator = None  # pylint: disable=protected-access
