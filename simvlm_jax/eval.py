@@ -11,7 +11,8 @@ hypothesis, or "a picture of" for captioning); the answer is decoded (greedy or 
 `evaluate.method`) or, for a model with a classifier head (`ModelConfig.num_classes > 0`), the
 top class of the VQA answer vocabulary. The metric follows the task:
 
-  vqa_v2                     VQA accuracy (overall, per answer type, per question type)
+  vqa_v2                     VQA accuracy (overall, per answer type, per question type; version:
+                             `evaluate.vqa_metric_version`)
   coco_captions, nocaps      BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap; SPICE: n/a offline)
   nlvr2, snli_ve(_text)      accuracy, per class and a confusion matrix; text that is no label is
                              wrong
@@ -77,15 +78,16 @@ def _run_setting(name: str, default: Any) -> Any:
 
 
 def score(benchmark: str, predictions: Sequence[str], meta: Sequence[dict],
-          caption_metric_names: Sequence[str] = caption_metrics.ALL_METRICS
-          ) -> tuple[dict, list]:
+          caption_metric_names: Sequence[str] = caption_metrics.ALL_METRICS,
+          vqa_metric_version: str = vqa.DEFAULT_VERSION) -> tuple[dict, list]:
   """(scores, per-example score) of text predictions against the examples' pass-through features."""
   if benchmark == "vqa_v2":
     result = vqa.vqa_accuracy(predictions, [[_text(a) for a in m["answers"]] for m in meta],
                               [_text(m["answer_type"]) for m in meta],
-                              [_text(m["question_type"]) for m in meta])
+                              [_text(m["question_type"]) for m in meta], vqa_metric_version)
     return ({"accuracy": result["overall"], "per_answer_type": result["per_answer_type"],
-             "per_question_type": result["per_question_type"], "examples": len(predictions)},
+             "per_question_type": result["per_question_type"], "examples": len(predictions),
+             "vqa_metric_version": vqa.resolve_version(vqa_metric_version)},
             result["per_question"])
   if benchmark in CAPTION_TASKS:
     refs = {i: [_text(c) for c in m["captions"] if _text(c)] for i, m in enumerate(meta)}
@@ -217,12 +219,13 @@ class Evaluator:
     return predictions, meta, images
 
   def evaluate_step(self, step: int, output_dir: str, caption_metric_names: Sequence[str],
-                    report_examples: int) -> dict:
+                    report_examples: int, vqa_metric_version: str = vqa.DEFAULT_VERSION) -> dict:
     start = time.time()
     params = self.ckpt.restore_params(self.trainer.abstract_state.params, step=step)
     predictions, meta, images = self.predict(params, report_examples)
     predict_s = time.time() - start
-    scores, per_example = score(self.benchmark, predictions, meta, caption_metric_names)
+    scores, per_example = score(self.benchmark, predictions, meta, caption_metric_names,
+                                vqa_metric_version)
     scores.update(step=step, method=self.method, predict_seconds=round(predict_s, 2),
                   score_seconds=round(time.time() - start - predict_s, 2))
     rows, report = [], []
@@ -264,7 +267,8 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
              batch_size: int = 32, method: str = "auto", beam_size: int = 4, alpha: float = 0.6,
              max_decode_length: Optional[int] = None, max_examples: Optional[int] = None,
              caption_metric_names: Sequence[str] = caption_metrics.ALL_METRICS,
-             report_examples: int = 100) -> dict[int, dict]:
+             report_examples: int = 100,
+             vqa_metric_version: str = vqa.DEFAULT_VERSION) -> dict[int, dict]:
   """Scores the checkpoints of `model_dir` on `task`; returns {step: scores}. See the module doc.
 
   Args:
@@ -276,7 +280,10 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
     max_examples: score only the first N examples (quick looks; not an official number).
     caption_metric_names: a subset of Bleu, METEOR, ROUGE_L, CIDEr (METEOR starts Java, ~10 s).
     report_examples: example rows (with images) in the HTML report.
+    vqa_metric_version: VQA accuracy as the official code computes it now, "2021" / "current", or
+      before its 2021 fix, "2016" / "legacy" (many published numbers); `simvlm_jax.metrics.vqa`.
   """
+  vqa.resolve_version(vqa_metric_version)  # a typo fails before the model loads
   evaluator = Evaluator(model_dir, task, split, batch_size, method, beam_size, alpha,
                         max_decode_length, max_examples)
   output_dir = output_dir or os.path.join(model_dir, f"eval_{task}_{split}")
@@ -297,7 +304,8 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
   writer = metric_writers.create_default_writer(output_dir)
   results = {}
   for step in todo:
-    scores = evaluator.evaluate_step(step, output_dir, caption_metric_names, report_examples)
+    scores = evaluator.evaluate_step(step, output_dir, caption_metric_names, report_examples,
+                                     vqa_metric_version)
     results[step] = scores
     all_scores[str(step)] = scores
     tmp = f"{scores_path}.tmp"

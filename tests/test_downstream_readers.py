@@ -210,12 +210,21 @@ def test_vqa_v2(tmp_path):
 def test_answer_scores_are_the_official_accuracy():
   cases = [["2"] * 7 + ["two", "3", "3"], ["yes"] * 10, ["Yes"] * 4 + ["yes"] * 6,
            ["red"] * 3 + ["dark red"] * 2 + ["blue"] * 5, ["a dog"] + ["dog."] * 2 + ["cat"] * 7,
-           ["1,000"] * 2 + ["1000"] + ["one thousand"] * 7, ["ball"]]
+           ["1,000"] * 2 + ["1000"] + ["one thousand"] * 7, ["ball"], ["Yes"] * 10,
+           ["t-shirt"] * 10, ["dont"] * 3 + ["don't"] * 3 + ["no"] * 4,
+           ["red"] * 2 + ["red "] * 2 + ["blue"] * 6]
   for answers in cases:
-    scores = vqa_v2.answer_scores(answers)
-    assert scores, answers
-    for candidate, score in scores.items():
-      assert score == pytest.approx(vqa_metrics.question_accuracy(candidate, answers)), answers
+    for version in vqa_metrics.VERSIONS:
+      scores = vqa_v2.answer_scores(answers, version)
+      assert scores, answers
+      for candidate, score in scores.items():
+        assert score == pytest.approx(
+            vqa_metrics.question_accuracy(candidate, answers, version)), (answers, version)
+  # The default is the metric's: "2021" counts "a dog" and "dog." as "dog" (3 -> 0.9), "2016" only
+  # the "dog." (2 -> 0.6).
+  assert vqa_v2.answer_scores(["a dog"] + ["dog."] * 2 + ["cat"] * 7)["dog"] == pytest.approx(0.9)
+  assert vqa_v2.answer_scores(["a dog"] + ["dog."] * 2 + ["cat"] * 7, "2016")["dog"] == \
+      pytest.approx(0.6)
   assert vqa_v2.answer_scores(["2"] * 3 + ["3"] * 7) == pytest.approx({"2": 0.9, "3": 1.0})
   assert vqa_v2.answer_scores(["b"] + ["c"] * 2 + ["d"] * 7) == pytest.approx(
       {"b": 0.3, "c": 0.6, "d": 1.0})
@@ -393,3 +402,23 @@ def test_task_metric_fns_are_the_official_metrics(tmp_path):
   assert targets == [[b"A man number 2.", b"A dog."]]
   assert captions["Bleu_1"] == pytest.approx(1.0) and "CIDEr" in captions
   assert evaluate("coco_captions", answer="zebra")[1]["Bleu_1"] < 1e-6
+
+
+def test_task_vqa_metric_version(tmp_path):
+  targets = [{"answers": np.array([b"yes"] * 10), "answer_type": b"yes/no"}]
+  default = registration.register_downstream("vqa_v2", data_dir=str(tmp_path),
+                                             name="metric_version_test_default")
+  (metric_fn,) = seqio.get_mixture_or_task(default).metric_fns
+  # "2021": ten identical answers, so "Yes" is compared as it is: 0.
+  assert metric_fn(targets, ["Yes"])["vqa_accuracy"] == 0.0
+  legacy = registration.register_downstream("vqa_v2", data_dir=str(tmp_path),
+                                            name="metric_version_test_legacy",
+                                            vqa_metric_version="legacy")
+  (metric_fn,) = seqio.get_mixture_or_task(legacy).metric_fns
+  assert metric_fn(targets, ["Yes"])["vqa_accuracy"] == 100.0  # "2016": "Yes" -> "yes"
+  with pytest.raises(ValueError, match="name of its own"):  # "vqa_v2" means the default metric
+    registration.register_downstream("vqa_v2", vqa_metric_version="2016")
+  with pytest.raises(ValueError, match="for vqa_v2"):
+    registration.register_downstream("nlvr2", name="x", vqa_metric_version="2016")
+  with pytest.raises(ValueError, match="unknown VQA metric version"):
+    registration.register_downstream("vqa_v2", name="x", vqa_metric_version="2017")

@@ -25,13 +25,17 @@ def test_vqa_scores():
   meta = [{"answers": np.array([b"yes"] * 10), "answer_type": b"yes/no", "question_type": b"is"},
           {"answers": np.array([b"2"] * 2 + [b"3"] * 8), "answer_type": b"number",
            "question_type": b"how many"}]
-  scores, per_example = eval_lib.score("vqa_v2", ["Yes", "two"], meta)
+  scores, per_example = eval_lib.score("vqa_v2", ["Yes", "two"], meta, vqa_metric_version="2016")
   # "two" -> "2", given by 2 of 10 humans: each of the 8 others' leave-one-out sets has 2
   # matches (2/3), the 2 matching humans' have 1 (1/3): (8 * 2/3 + 2 * 1/3) / 10 = 0.6.
   assert per_example == pytest.approx([100.0, 60.0])
   assert scores["accuracy"] == pytest.approx(80.0)
   assert scores["per_answer_type"] == pytest.approx({"yes/no": 100.0, "number": 60.0})
-  assert scores["examples"] == 2
+  assert scores["examples"] == 2 and scores["vqa_metric_version"] == "2016"
+  # The default, "2021", normalises neither side when all ten answers agree: "Yes" != "yes".
+  scores, per_example = eval_lib.score("vqa_v2", ["Yes", "two"], meta)
+  assert per_example == pytest.approx([0.0, 60.0])
+  assert scores["accuracy"] == pytest.approx(30.0) and scores["vqa_metric_version"] == "2021"
 
 
 def test_classification_scores_invalid_text_is_wrong():

@@ -4,6 +4,7 @@ The caption tests need Java (PTB tokenizer, METEOR), as the official metrics do;
 start-up is paid once, by a module-scoped fixture.
 """
 import collections
+import functools
 import logging
 import math
 
@@ -60,19 +61,82 @@ def test_leave_one_out_accuracy(k, expected):
   # of the 10-k others leaves k: k=1 -> (1*0 + 9*1/3)/10 = 0.3; k=2 -> (2*1/3 + 8*2/3)/10 = 0.6;
   # k=3 -> (3*2/3 + 7*1)/10 = 0.9; k=4 -> 10/10.
   answers = ["yes"] * k + ["no"] * (10 - k)
-  assert vqa.question_accuracy("Yes.", answers) == pytest.approx(expected)
+  assert vqa.question_accuracy("yes", answers) == pytest.approx(expected)
+  # "2016" always normalises the prediction ("Yes." -> "yes"); "2021" only when the answers differ
+  # (for k = 10 it compares "Yes." with "yes" and scores 0: see test_vqa_versions_differ).
+  assert vqa.question_accuracy("Yes.", answers, version="2016") == pytest.approx(expected)
+  if k < 10:
+    assert vqa.question_accuracy("Yes.", answers, version="2021") == pytest.approx(expected)
 
 
-def test_ground_truth_is_normalised_only_when_the_answers_disagree():
-  # All 10 identical: the official code leaves them untouched, while the prediction always becomes
-  # "t shirt", so it cannot match.
-  assert vqa.question_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
-  # They disagree: process_punctuation turns them into "t shirt" as well.
-  assert vqa.question_accuracy("t-shirt", ["t-shirt"] * 9 + ["shirt"]) == 1.0
-  # digit-comma-digit in the answers: "1,000" -> "1000" on both sides.
-  assert vqa.question_accuracy("1,000", ["1,000"] * 3 + ["1000"] * 7) == 1.0
-  # The answers get punctuation processing only: articles stay, so "the dog" -> "dog" misses.
-  assert vqa.question_accuracy("the dog", ["the dog"] * 9 + ["cat"]) == 0.0
+# Hand-worked cases of the two metric versions (see the simvlm_jax.metrics.vqa docstring). With m of
+# the ten processed human answers equal to the processed prediction, the question scores
+# (m * min(1, (m-1)/3) + (10-m) * min(1, m/3)) / 10: m = 0, 1, 2, 3, >= 4 -> 0, 0.3, 0.6, 0.9, 1.0.
+# "2021": both sides fully normalised iff the (whitespace-stripped) answers differ, else neither.
+# "2016": prediction always fully normalised; answers get punctuation only, iff the raw ones differ.
+VERSION_CASES = [
+    # (prediction, human answers, accuracy "2021", accuracy "2016")
+    # Number words in the answers. 2021: they differ, so "2", "two", "Two" all -> "2"; the
+    # prediction "two" -> "2": m = 10 -> 1.0. 2016: answers keep "two"/"Two" (punctuation only);
+    # the prediction -> "2" matches the two "2": m = 2 -> 0.6.
+    ("two", ["2"] * 2 + ["two"] * 4 + ["Two"] * 4, 1.0, 0.6),
+    ("Two", ["2"] * 2 + ["two"] * 4 + ["Two"] * 4, 1.0, 0.6),
+    # Articles. 2021: "a dog" -> "dog", m = 5 -> 1.0. 2016: "a dog" stays, only the two "dog"
+    # match the prediction: m = 2 -> 0.6.
+    ("dog", ["a dog"] * 3 + ["dog"] * 2 + ["cat"] * 5, 1.0, 0.6),
+    # 2021: answers -> "dog" x9, the prediction "the dog" -> "dog": m = 9 -> 1.0. 2016: the
+    # answers keep "the dog", the prediction becomes "dog": m = 0 -> 0.0.
+    ("the dog", ["the dog"] * 9 + ["cat"], 1.0, 0.0),
+    # All ten identical, the prediction needs normalising. 2021 normalises neither side: "Yes",
+    # "yes." and "two" are compared as they are, m = 0 -> 0.0. 2016: the prediction -> "yes" / "2",
+    # m = 10 -> 1.0.
+    ("Yes", ["yes"] * 10, 0.0, 1.0),
+    ("yes.", ["yes"] * 10, 0.0, 1.0),
+    ("two", ["2"] * 10, 0.0, 1.0),
+    # All ten identical and unnormalised. 2021: "t-shirt" == "t-shirt", m = 10 -> 1.0. 2016: the
+    # prediction -> "t shirt", the answers stay "t-shirt": m = 0 -> 0.0.
+    ("t-shirt", ["t-shirt"] * 10, 1.0, 0.0),
+    # ... and an already-normalised prediction misses in both: m = 0 -> 0.0.
+    ("t shirt", ["t-shirt"] * 10, 0.0, 0.0),
+    # Contractions. 2021: "dont" -> "don't" in the answers too, m = 6 -> 1.0. 2016: the answers
+    # keep "dont", so only the three "don't" match (a prediction "dont" -> "don't"): m = 3 -> 0.9.
+    ("don't", ["dont"] * 3 + ["don't"] * 3 + ["no"] * 4, 1.0, 0.9),
+    ("dont", ["dont"] * 3 + ["don't"] * 3 + ["no"] * 4, 1.0, 0.9),
+    # Whitespace in the answers. 2021 strips them first: "red" x4, m = 4 -> 1.0. 2016 leaves
+    # "red " (punctuation processing keeps spaces): m = 2 -> 0.6.
+    ("red", ["red"] * 2 + ["red "] * 2 + ["blue"] * 6, 1.0, 0.6),
+    # 2021: stripped, the ten are identical, so "Yes" is not lowercased: m = 0 -> 0.0. 2016: the raw
+    # answers differ, the prediction -> "yes" matches the nine "yes" (" yes" stays): m = 9 -> 1.0.
+    ("Yes", ["yes"] * 9 + [" yes"], 0.0, 1.0),
+    # Agreements. Both strip the prediction's newline: "yes", m = 10 -> 1.0.
+    ("yes\n", ["yes"] * 10, 1.0, 1.0),
+    # They differ, so both turn "t-shirt" (no space next to "-") into "t shirt": m = 9 -> 1.0.
+    ("t-shirt", ["t-shirt"] * 9 + ["shirt"], 1.0, 1.0),
+    # A digit-comma-digit deletes the comma on both sides in both: "1000" x10 -> 1.0.
+    ("1,000", ["1,000"] * 3 + ["1000"] * 7, 1.0, 1.0),
+    # "/" touching no space becomes a space: "black white" x3 in both ("and" is no article, so the
+    # three "black and white" never match): m = 3 -> 0.9.
+    ("black/white", ["black/white"] * 3 + ["black and white"] * 3 + ["gray"] * 4, 0.9, 0.9),
+]
+
+
+@pytest.mark.parametrize("prediction, answers, acc_2021, acc_2016", VERSION_CASES)
+def test_vqa_versions_differ(prediction, answers, acc_2021, acc_2016):
+  assert vqa.question_accuracy(prediction, answers) == pytest.approx(acc_2021)  # the default
+  assert vqa.question_accuracy(prediction, answers, version="2021") == pytest.approx(acc_2021)
+  assert vqa.question_accuracy(prediction, answers, version="current") == pytest.approx(acc_2021)
+  assert vqa.question_accuracy(prediction, answers, version="2016") == pytest.approx(acc_2016)
+  assert vqa.question_accuracy(prediction, answers, version="legacy") == pytest.approx(acc_2016)
+
+
+def test_vqa_version_names():
+  assert vqa.DEFAULT_VERSION == "2021"
+  assert [vqa.resolve_version(v) for v in ("2021", "current", "2016", "legacy")] == \
+      ["2021", "2021", "2016", "2016"]
+  with pytest.raises(ValueError, match="unknown VQA metric version"):
+    vqa.resolve_version("2017")
+  with pytest.raises(ValueError, match="unknown VQA metric version"):
+    vqa.vqa_accuracy(["yes"], [["yes"] * 10], version="newest")
 
 
 def test_vqa_accuracy_overall_and_per_type():
@@ -81,14 +145,50 @@ def test_vqa_accuracy_overall_and_per_type():
              ["2"] * 2 + ["3"] * 8,       # "two" -> "2", 2 annotators -> 0.6
              ["cat"] * 10,                # 0
              ["no"] + ["yes"] * 9]        # 1 annotator -> 0.3
-  result = vqa.vqa_accuracy(predictions, answers, ["yes/no", "number", "other", "yes/no"],
-                            ["is the", "how many", "what is", "is the"])
-  assert result["per_question"] == pytest.approx([100.0, 60.0, 0.0, 30.0])
-  assert result["overall"] == pytest.approx((100 + 60 + 0 + 30) / 4)  # 47.5
-  assert result["per_answer_type"] == pytest.approx({"yes/no": 65.0, "number": 60.0, "other": 0.0})
-  assert result["per_question_type"] == pytest.approx(
-      {"is the": 65.0, "how many": 60.0, "what is": 0.0})
+  for version in vqa.VERSIONS:  # no case here that tells the versions apart
+    result = vqa.vqa_accuracy(predictions, answers, ["yes/no", "number", "other", "yes/no"],
+                              ["is the", "how many", "what is", "is the"], version=version)
+    assert result["per_question"] == pytest.approx([100.0, 60.0, 0.0, 30.0])
+    assert result["overall"] == pytest.approx((100 + 60 + 0 + 30) / 4)  # 47.5
+    assert result["per_answer_type"] == pytest.approx(
+        {"yes/no": 65.0, "number": 60.0, "other": 0.0})
+    assert result["per_question_type"] == pytest.approx(
+        {"is the": 65.0, "how many": 60.0, "what is": 0.0})
   assert vqa.vqa_accuracy(predictions, answers)["per_answer_type"] == {}
+
+
+def test_vqa_accuracy_aggregates_each_version():
+  predictions = ["Yes", "two", "dog", "no", "t-shirt"]
+  answers = [["yes"] * 10,                               # 2021: 0,   2016: 100 (cases above)
+             ["2"] * 2 + ["two"] * 4 + ["Two"] * 4,      # 2021: 100, 2016: 60
+             ["a dog"] * 3 + ["dog"] * 2 + ["cat"] * 5,  # 2021: 100, 2016: 60
+             ["no"] + ["yes"] * 9,                       # both: 1 annotator -> 30
+             ["t-shirt"] * 10]                           # 2021: 100, 2016: 0
+  answer_types = ["yes/no", "number", "other", "yes/no", "other"]
+  question_types = ["is the", "how many", "what is", "is the", "what is"]
+  expected = {
+      # overall (0 + 100 + 100 + 30 + 100) / 5 = 66; yes/no (0 + 30) / 2 = 15; number 100;
+      # other (100 + 100) / 2 = 100.
+      "2021": ([0.0, 100.0, 100.0, 30.0, 100.0], 66.0,
+               {"yes/no": 15.0, "number": 100.0, "other": 100.0}),
+      # overall (100 + 60 + 60 + 30 + 0) / 5 = 50; yes/no (100 + 30) / 2 = 65; number 60;
+      # other (60 + 0) / 2 = 30.
+      "2016": ([100.0, 60.0, 60.0, 30.0, 0.0], 50.0,
+               {"yes/no": 65.0, "number": 60.0, "other": 30.0}),
+  }
+  for version, (per_question, overall, per_answer_type) in expected.items():
+    result = vqa.vqa_accuracy(predictions, answers, answer_types, question_types, version=version)
+    assert result["per_question"] == pytest.approx(per_question)
+    assert result["overall"] == pytest.approx(overall)
+    assert result["per_answer_type"] == pytest.approx(per_answer_type)
+    # The question types group the same questions as the answer types here.
+    assert result["per_question_type"] == pytest.approx(
+        {"is the": per_answer_type["yes/no"], "how many": per_answer_type["number"],
+         "what is": per_answer_type["other"]})
+    # Per question, the aggregation is question_accuracy x100.
+    assert per_question == pytest.approx(
+        [100 * vqa.question_accuracy(p, a, version) for p, a in zip(predictions, answers)])
+  assert vqa.vqa_accuracy(predictions, answers)["overall"] == pytest.approx(66.0)  # default 2021
 
 
 def test_vqa_accuracy_rejects_mismatched_inputs():
@@ -101,8 +201,15 @@ def test_vqa_accuracy_rejects_mismatched_inputs():
 def test_vqa_metric_takes_seqio_targets_with_bytes():
   targets = [{"answers": np.array([b"yes"] * 10), "answer_type": b"yes/no"},
              {"answers": [b"2"] * 2 + [b"3"] * 8, "answer_type": "number"}]
-  assert vqa.vqa_metric(targets, [b"Yes", "two"]) == pytest.approx(
+  # "2016": "Yes" -> "yes", 10 annotators -> 100; "two" -> "2", 2 annotators -> 60.
+  assert vqa.vqa_metric(targets, [b"Yes", "two"], version="2016") == pytest.approx(
       {"vqa_accuracy": 80.0, "vqa_accuracy_yes_no": 100.0, "vqa_accuracy_number": 60.0})
+  # The default "2021": ten identical "yes" leave "Yes" as it is -> 0; "two" as in 2016 -> 60.
+  assert vqa.vqa_metric(targets, [b"Yes", "two"]) == pytest.approx(
+      {"vqa_accuracy": 30.0, "vqa_accuracy_yes_no": 0.0, "vqa_accuracy_number": 60.0})
+  # seqio calls a metric fn with (targets, predictions): the version binds with a partial.
+  legacy = functools.partial(vqa.vqa_metric, version="legacy")
+  assert legacy(targets, [b"Yes", "two"])["vqa_accuracy"] == pytest.approx(80.0)
 
 
 # --- COCO captions --------------------------------------------------------------------------------

@@ -1,21 +1,39 @@
 """VQA accuracy, as GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/vqaEval.py` computes it.
 
-Per question, with the 10 human answers:
-  1. The prediction: newlines and tabs become spaces, then strip; `process_punctuation`;
-     `process_digit_article` (lowercase, number words to digits, drop articles, restore
-     contractions).
-  2. The human answers get `process_punctuation` only, and only when they are not all identical
-     (`len(set(answers)) > 1`). The official code does exactly this: it relies on the released
-     annotations being normalised already, so an answer such as "Two" in the annotations would never
-     match (the prediction side always becomes "2").
-  3. For each human answer i: acc_i = min(1, #{j != i : answer_j == prediction} / 3). The question
+Two versions of the official code are in use; `version` picks one (default "2021"):
+
+  "2021" (alias "current"): the code since commit a013f0043c1e2cdc995922dfe257f7149aa9af06
+      ("Fixed processing answers bug", 2021-03-11), what the repository ships today.
+  "2016" (alias "legacy"): the code before it, as of commit 458a8b268b1a239dc388e0af4423f3fe7477b04f
+      (2016-10-08, which fixed the contractions table; the scoring rule itself dates from 2015):
+      what the repository shipped until March 2021, and what many published numbers used.
+The commit changed only which side is normalised when (steps 1-3 below); the tables, the
+normalisation functions and the leave-one-out scoring are the same in both.
+
+Per question, with the 10 human answers and one prediction:
+  1. Whitespace. The prediction: newlines and tabs become spaces, then strip (both versions). The
+     human answers: the same in "2021"; untouched in "2016" (so "red " never matches "red").
+  2. "Differ": the human answers (whitespace-cleaned in "2021", raw in "2016") are not all
+     identical (`len(set(answers)) > 1`).
+  3. Normalisation, with `process_punctuation` (punctuation, periods) and `process_digit_article`
+     (lowercase, number words to digits, drop articles, restore contractions):
+       "2021": only if they differ, and then on both sides: the human answers and the prediction get
+               `process_punctuation` then `process_digit_article`. If all ten are identical, neither
+               side is normalised: "Yes" or "yes." scores 0 against ten "yes", "t-shirt" scores 1
+               against ten "t-shirt".
+       "2016": the prediction always gets both steps; the human answers get `process_punctuation`
+               only, and only if they differ. So "Two" or "a dog" in the answers never match (the
+               prediction side always becomes "2" or "dog"), and a prediction "t-shirt" misses ten
+               "t-shirt" answers (it becomes "t shirt").
+  4. For each human answer i: acc_i = min(1, #{j != i : answer_j == prediction} / 3). The question
      scores the mean of the 10 acc_i (an answer given by 1, 2, 3, >= 4 annotators scores 0.3, 0.6,
-     0.9, 1.0).
+     0.9, 1.0). (The official code leaves out answer i by comparing answer dicts, which differ in
+     their answer_id: the same as leaving out index i.)
 Reported: 100 x the mean over questions, overall, per answer type and per question type. The
 official code rounds these to 2 decimals for printing; here they keep full precision.
 """
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 # The official table, including its quirks: keys with a capital I never match (answers are
 # lowercased first), and "somebody'd" maps to "somebodyd".
@@ -71,6 +89,13 @@ _COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
 # argument, so at most 32 periods are deleted.
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 
+# The metric versions (see the module docstring), named by the year of their upstream commit.
+VERSION_2021 = "2021"  # GT-Vision-Lab/VQA a013f0043c1e2cdc995922dfe257f7149aa9af06
+VERSION_2016 = "2016"  # GT-Vision-Lab/VQA 458a8b268b1a239dc388e0af4423f3fe7477b04f
+VERSIONS = (VERSION_2021, VERSION_2016)
+VERSION_ALIASES = {"current": VERSION_2021, "legacy": VERSION_2016}
+DEFAULT_VERSION = VERSION_2021
+
 
 def process_punctuation(text: str) -> str:
   """Deletes each punctuation char that touches a space (or all of them, if the text holds a
@@ -91,23 +116,79 @@ def process_digit_article(text: str) -> str:
   return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def _clean_whitespace(text: str) -> str:
+  return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_prediction(answer: str) -> str:
-  """The official normalisation of a predicted answer."""
-  answer = answer.replace("\n", " ").replace("\t", " ").strip()
-  return process_digit_article(process_punctuation(answer))
+  """The full official normalisation of an answer: whitespace, punctuation, digits and articles.
+
+  What "2016" always applies to a prediction, and "2021" applies to both sides when the human
+  answers differ.
+  """
+  return process_digit_article(process_punctuation(_clean_whitespace(answer)))
 
 
-def question_accuracy(prediction: str, answers: Sequence[str]) -> float:
-  """Accuracy in [0, 1] of one prediction against the human answers of one question."""
-  prediction = normalize_prediction(prediction)
+def resolve_version(version: str) -> str:
+  """The canonical name ("2021" or "2016") of a metric version or its alias."""
+  resolved = VERSION_ALIASES.get(version, version)
+  if resolved not in VERSIONS:
+    raise ValueError(f"unknown VQA metric version {version!r}: expected one of "
+                     f"{VERSIONS + tuple(VERSION_ALIASES)}")
+  return resolved
+
+
+def process_answers(answers: Sequence[str],
+                    version: str = DEFAULT_VERSION) -> tuple[list[str], bool]:
+  """(the human answers as the official code compares them, whether the prediction is normalised).
+
+  The flag is what `process_prediction` needs: always True for "2016"; for "2021", whether the
+  answers differ.
+  """
+  version = resolve_version(version)
+  if version == VERSION_2021:
+    # Upstream cleans the answers in place first, so the "differ" test sees them cleaned.
+    answers = [_clean_whitespace(a) for a in answers]
+    if len(set(answers)) > 1:
+      return _map_distinct(normalize_prediction, answers), True
+    return answers, False
+  # "2016" relied on the released annotations being normalised already: punctuation only.
   answers = list(answers)
   if len(set(answers)) > 1:
-    answers = [process_punctuation(a) for a in answers]
+    answers = _map_distinct(process_punctuation, answers)
+  return answers, True
+
+
+def _map_distinct(fn: Callable[[str], str], texts: list[str]) -> list[str]:
+  # Once per distinct answer: the dataset builder scores every question of VQA v2 (~650k).
+  done = {t: fn(t) for t in set(texts)}
+  return [done[t] for t in texts]
+
+
+def process_prediction(prediction: str, normalise: bool) -> str:
+  """The prediction as compared: whitespace-cleaned, and fully normalised if `normalise`."""
+  return normalize_prediction(prediction) if normalise else _clean_whitespace(prediction)
+
+
+def _leave_one_out(prediction: str, answers: Sequence[str]) -> float:
   accs = []
   for i in range(len(answers)):
     matches = sum(a == prediction for j, a in enumerate(answers) if j != i)
     accs.append(min(1.0, matches / 3))
   return sum(accs) / len(accs)
+
+
+def question_accuracy(prediction: str, answers: Sequence[str],
+                      version: str = DEFAULT_VERSION) -> float:
+  """Accuracy in [0, 1] of one prediction against the human answers of one question.
+
+  Args:
+    prediction: the predicted answer text.
+    answers: the human answers (10 in VQA), raw as in the annotation files.
+    version: "2021" / "current" (default) or "2016" / "legacy"; see the module docstring.
+  """
+  answers, normalise = process_answers(answers, version)
+  return _leave_one_out(process_prediction(prediction, normalise), answers)
 
 
 def _mean_by(scores: Sequence[float], keys: Sequence[str]) -> dict[str, float]:
@@ -119,12 +200,15 @@ def _mean_by(scores: Sequence[float], keys: Sequence[str]) -> dict[str, float]:
 
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]],
                  answer_types: Optional[Sequence[str]] = None,
-                 question_types: Optional[Sequence[str]] = None) -> dict[str, Any]:
+                 question_types: Optional[Sequence[str]] = None,
+                 version: str = DEFAULT_VERSION) -> dict[str, Any]:
   """VQA accuracy x100: {"overall", "per_answer_type", "per_question_type", "per_question"}.
 
   The per-type dicts are empty when the types are not given; "per_question" lists every question's
-  score (x100), in order.
+  score (x100), in order. `version`: "2021" / "current" (default) or "2016" / "legacy", see the
+  module docstring.
   """
+  version = resolve_version(version)  # an unknown name fails before any scoring
   n = len(predictions)
   if n == 0:
     raise ValueError("vqa_accuracy needs at least one prediction")
@@ -134,7 +218,7 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]],
       raise ValueError(f"{name} has {len(seq)} entries for {n} predictions")
   if any(len(a) == 0 for a in answers):
     raise ValueError("every question needs at least one human answer")
-  scores = [100.0 * question_accuracy(p, a) for p, a in zip(predictions, answers)]
+  scores = [100.0 * question_accuracy(p, a, version) for p, a in zip(predictions, answers)]
   return {
       "overall": sum(scores) / n,
       "per_answer_type": _mean_by(scores, answer_types) if answer_types is not None else {},
@@ -153,17 +237,18 @@ def metric_key(name: str) -> str:
   return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
 
 
-def vqa_metric(targets: Sequence[Mapping[str, Any]],
-               predictions: Sequence[Any]) -> dict[str, float]:
+def vqa_metric(targets: Sequence[Mapping[str, Any]], predictions: Sequence[Any],
+               version: str = DEFAULT_VERSION) -> dict[str, float]:
   """seqio metric fn. Each target: {"answers": the human answers, "answer_type": str}.
 
   Returns "vqa_accuracy" and one "vqa_accuracy_<answer type>" per answer type ("yes/no" ->
   "vqa_accuracy_yes_no"). Per question type scores stay in `vqa_accuracy` (65 types in VQA v2 would
-  swamp the summaries).
+  swamp the summaries). `version` as `vqa_accuracy`'s (bind it with functools.partial: seqio calls
+  metric fns with targets and predictions only).
   """
   result = vqa_accuracy([_text(p) for p in predictions],
                         [[_text(a) for a in t["answers"]] for t in targets],
-                        [_text(t["answer_type"]) for t in targets])
+                        [_text(t["answer_type"]) for t in targets], version=version)
   metrics = {"vqa_accuracy": result["overall"]}
   for answer_type, score in sorted(result["per_answer_type"].items()):
     metrics[f"vqa_accuracy_{metric_key(answer_type)}"] = score

@@ -28,7 +28,8 @@ string copy; images are encoded bytes (tf.string scalars) that the pipeline deco
                           pass-through as snli_ve, no image ("image" declared optional and never
                           produced): finetune on text premises, then evaluate on snli_ve.
 
-Every task carries the benchmark's official metric as seqio `metric_fns` (`simvlm_jax.metrics`),
+Every task carries the benchmark's official metric as seqio `metric_fns` (`simvlm_jax.metrics`;
+VQA accuracy in its current "2021" version unless `register_downstream(vqa_metric_version=...)`),
 with a `postprocess_fn` that hands the metric what it scores against: the 10 human answers and the
 answer type (vqa_v2), every reference caption (coco_captions, nocaps), the label word (nlvr2,
 snli_ve). (`seqio.Evaluator` cannot cache tasks whose images are encoded-bytes scalars: it
@@ -39,6 +40,7 @@ Splits: train, validation, test (coco_captions; shapes adds compositional), vali
 validation), train, validation, test (nlvr2, snli_ve, snli_ve_text).
 """
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import gin
@@ -167,11 +169,25 @@ def tfds_name(benchmark: str, variant: str = "official") -> str:
 
 
 def register_downstream(benchmark: str, variant: str = "official",
-                        data_dir: Optional[str] = None, name: Optional[str] = None) -> str:
-  """Registers one downstream Task (once) and returns its name. See the module docstring."""
+                        data_dir: Optional[str] = None, name: Optional[str] = None,
+                        vqa_metric_version: str = vqa_metrics.DEFAULT_VERSION) -> str:
+  """Registers one downstream Task (once) and returns its name. See the module docstring.
+
+  `vqa_metric_version` (vqa_v2 only): the VQA accuracy version of the task's metric fn, "2021" /
+  "current" (default) or "2016" / "legacy" (`simvlm_jax.metrics.vqa`). Any other than the default
+  needs a `name` of its own: a task is registered once, so "vqa_v2" always means the default.
+  """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   spec = BENCHMARKS[benchmark]
+  vqa_metric_version = vqa_metrics.resolve_version(vqa_metric_version)
+  metric_fn = spec.metric_fn
+  if vqa_metric_version != vqa_metrics.DEFAULT_VERSION:
+    if benchmark != "vqa_v2":
+      raise ValueError(f"vqa_metric_version is for vqa_v2, not {benchmark!r}")
+    if name is None:
+      raise ValueError(f"VQA metric version {vqa_metric_version!r} needs a task name of its own")
+    metric_fn = functools.partial(vqa_metrics.vqa_metric, version=vqa_metric_version)
   images = [k for k, f in spec.output_features.items() if f.dtype == tf.string and f.required]
   return pretraining._add_task(  # pylint: disable=protected-access
       name or (benchmark if variant == "official" else f"{variant}_{benchmark}"),
@@ -182,7 +198,7 @@ def register_downstream(benchmark: str, variant: str = "official",
       preprocessors=[spec.preprocessor, _tokenize],
       output_features=spec.output_features,
       postprocess_fn=spec.postprocess_fn,
-      metric_fns=[spec.metric_fn])
+      metric_fns=[metric_fn])
 
 
 def register_all(data_dir: Optional[str] = None) -> list[str]:

@@ -75,23 +75,24 @@ def normalize_answer(answer: str) -> str:
   return vqa_metrics.normalize_prediction(answer).replace(",", "")
 
 
-def answer_scores(answers: Sequence[str]) -> dict[str, float]:
+def answer_scores(answers: Sequence[str],
+                  version: str = vqa_metrics.DEFAULT_VERSION) -> dict[str, float]:
   """{normalised answer: the official VQA accuracy of predicting it} for each distinct human answer.
 
-  That is `simvlm_jax.metrics.vqa.question_accuracy(candidate, answers)` (a test holds them
-  equal): the mean over the leave-one-annotator-out subsets of min(1, matches / 3), i.e. 0.3, 0.6,
-  0.9, 1.0 for an answer 1, 2, 3, 4+ of ten humans gave. So a classifier trained on these scores
-  is trained on the metric. Computed here with each distinct answer normalised once, which the
-  metric's per-prediction form would repeat for every candidate (minutes on the real data).
+  That is `simvlm_jax.metrics.vqa.question_accuracy(candidate, answers, version)` (a test holds
+  them equal): the mean over the leave-one-annotator-out subsets of min(1, matches / 3), i.e. 0.3,
+  0.6, 0.9, 1.0 for an answer 1, 2, 3, 4+ of ten humans gave. So a classifier trained on these
+  scores is trained on the metric (`version`: the metric's, default its current "2021"). Computed
+  here with the human answers processed once, which the metric's per-prediction form would repeat
+  for every candidate (minutes on the real data).
   """
-  # As the metric does: the human answers get the punctuation rule only, and only if they differ.
-  distinct = set(answers)
-  processed = {a: vqa_metrics.process_punctuation(a) if len(distinct) > 1 else a for a in distinct}
-  counts = collections.Counter(processed[a] for a in answers)
-  total = len(answers)
+  processed, normalise = vqa_metrics.process_answers(answers, version)
+  counts = collections.Counter(processed)
+  total = len(processed)
   scores = {}
-  for candidate in sorted({normalize_answer(a) for a in distinct}):
-    matches = counts[candidate]
+  for candidate in sorted({normalize_answer(a) for a in answers}):
+    # The candidate is a prediction: the metric processes it as it does any prediction.
+    matches = counts[vqa_metrics.process_prediction(candidate, normalise)]
     # Leaving out one of the `matches` humans leaves matches - 1; leaving out another leaves all.
     scores[candidate] = (matches * min(1.0, (matches - 1) / 3) +
                          (total - matches) * min(1.0, matches / 3)) / total
