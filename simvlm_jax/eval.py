@@ -57,7 +57,7 @@ def benchmark_of(task: str) -> str:
   name = task[len("shapes_"):] if task.startswith("shapes_") else task
   if name not in CAPTION_TASKS + ("vqa_v2",) + tuple(CLASS_LABELS):
     raise UserError(f"no metric for task {task!r}: expected one of vqa_v2, coco_captions, "
-                     "nocaps, nlvr2, snli_ve, snli_ve_text (optionally shapes_...)")
+                    "nocaps, nlvr2, snli_ve, snli_ve_text (optionally shapes_...)")
   return name
 
 
@@ -154,7 +154,7 @@ class Evaluator:
     self.vocabulary = finetune.vocabulary(task)
     if self.vocabulary.vocab_size != self.config.vocab_size:
       raise UserError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} token "
-                       f"ids, {task!r} uses {self.vocabulary.vocab_size}")
+                      f"ids, {task!r} uses {self.vocabulary.vocab_size}")
     self.inputs_length = _run_setting("make_finetune_iterator.inputs_length", 32)
     self.targets_length = _run_setting("make_finetune_iterator.targets_length", 32)
     if self.inputs_length + self.targets_length > self.config.max_text_len:

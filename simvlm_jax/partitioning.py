@@ -51,11 +51,13 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> Tuple[int
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if num_devices % known:
-      raise UserError(f"mesh_shape {mesh_shape} does not divide {num_devices} devices")
+      raise UserError(f"mesh_shape {tuple(mesh_shape)} does not divide {num_devices} devices: "
+                      "make the product of its other entries divide the device count")
     shape[shape.index(-1)] = num_devices // known
   if int(np.prod(shape)) != num_devices:
-    raise UserError(f"mesh_shape {tuple(shape)} has {int(np.prod(shape))} devices, "
-                     f"but {num_devices} are available")
+    raise UserError(f"mesh_shape {tuple(shape)} has {int(np.prod(shape))} devices, but this run "
+                    f"has {num_devices}: make the product {num_devices}, or let one entry be -1 "
+                    "(e.g. Partitioner.mesh_shape = (-1, 1, 1))")
   return tuple(shape)
 
 

@@ -39,14 +39,14 @@ class Predictor:
     ckpt_dir = os.path.join(model_dir, "checkpoints")
     if not os.path.isfile(config_path):
       raise UserError(f"{config_path} not found: --checkpoint_dir must be the model_dir of "
-                              "a training run (it holds config.gin and checkpoints/)")
+                      "a training run (it holds config.gin and checkpoints/)")
     gin.clear_config()
     gin_utils.parse_gin([config_path], [])
     self.config = ModelConfig()
     self.vocabulary = _vocabulary_of_run()
     if self.vocabulary.vocab_size != self.config.vocab_size:
       raise UserError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} "
-                       f"token ids but the vocabulary has {self.vocabulary.vocab_size}")
+                      f"token ids but the vocabulary has {self.vocabulary.vocab_size}")
     if not os.path.isdir(ckpt_dir):
       raise UserError(f"no checkpoint in {model_dir} (expected {ckpt_dir}/<step>/)")
     trainer = Trainer(self.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]),
@@ -97,7 +97,7 @@ def _vocabulary_of_run():
     name = gin.query_parameter("make_pretrain_iterator.mixture_or_task_name")
   except ValueError:
     raise UserError("the run's config.gin names no training task, so its vocabulary is "
-                     "unknown (was it trained on synthetic data?)") from None
+                    "unknown (was it trained on synthetic data?)") from None
   return pipeline.vocabulary(name)
 
 

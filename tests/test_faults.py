@@ -320,7 +320,8 @@ def test_run_settings_are_checked():
 
 
 def test_mesh_that_does_not_fit_the_devices():
-  with pytest.raises(UserError, match=r"mesh_shape \(3, 1, 1\) has 3 devices, but 8 are"):
+  with pytest.raises(UserError, match=r"mesh_shape \(3, 1, 1\) has 3 devices, but this run has "
+                     r"8: make the product 8, or let one entry be -1"):
     resolve_mesh_shape((3, 1, 1), 8)
   with pytest.raises(UserError, match=r"mesh_shape \(-1, 3, 1\) does not divide 8 devices"):
     resolve_mesh_shape((-1, 3, 1), 8)

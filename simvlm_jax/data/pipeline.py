@@ -157,7 +157,7 @@ def _weighted_tasks(name: str) -> list[tuple[seqio.Task, float]]:
     provider = seqio.get_mixture_or_task(name)
   except ValueError as e:
     raise UserError(f"{e} Import the module that registers it first (e.g. `import tasks` in "
-                     "the gin file or --import_modules=tasks).") from None
+                    "the gin file or --import_modules=tasks).") from None
   if isinstance(provider, seqio.Mixture):
     return [(t, provider.get_rate(t)) for t in provider.tasks if provider.get_rate(t) > 0]
   return [(provider, 1.0)]
