@@ -5,7 +5,8 @@ r"""SLURM GPU clusters: render `launch/slurm_train.sbatch` for a run and submit 
       --gin.train.model_dir="'/shared/runs/simvlm_base'"
 
 `--processes=per_gpu` (default) starts one process per GPU, `per_node` one per node that drives all
-the node's GPUs. The rendered script is kept as `<log_dir>/<job_name>.sbatch` next to the job's log.
+the node's GPUs. `--signal_seconds` before the time limit the run stops at a checkpoint and, with
+`--requeue` (default), the job is requeued to resume from it. The rendered script is kept as `<log_dir>/<job_name>.sbatch` next to the job's log.
 `--dry_run` prints the shell commands that would write and submit it (the script inlined) instead.
 """
 import argparse
@@ -56,6 +57,11 @@ def script_fields(args: argparse.Namespace, gin_bindings: Sequence[str]) -> Dict
       "time": args.time,
       "log_dir": args.log_dir,
       "sbatch_options": "\n".join(options),
+      "signal_option": (f"#SBATCH --signal=B:USR1@{args.signal_seconds}"
+                        if args.signal_seconds else ""),
+      "requeue_option": "#SBATCH --requeue" if args.requeue else "",
+      "requeue_command": ('  echo "simvlm: requeueing job ${SLURM_JOB_ID}"\n'
+                          '  scontrol requeue "$SLURM_JOB_ID"') if args.requeue else "",
       "workdir": shlex.quote(args.workdir),
       "exports": "\n".join(f"export {k}={shlex.quote(v)}"
                            for k, v in shell.env_pairs(args.env).items()),
@@ -75,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--cpus_per_task", type=int, default=None,
                       help=f"Default: {CPUS_PER_GPU} per GPU of the task.")
   parser.add_argument("--time", default="24:00:00", help="Wall-clock limit (sbatch --time).")
+  parser.add_argument("--signal_seconds", type=int, default=300,
+                      help="Seconds before the time limit at which the run is told to stop at a "
+                           "checkpoint (0: never; the run is then killed at the limit).")
+  parser.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=True,
+                      help="Requeue the job when it stops ahead of its time limit or is preempted; "
+                           "the requeued job resumes from the checkpoint.")
   parser.add_argument("--job_name", default="simvlm")
   parser.add_argument("--partition", default=None)
   parser.add_argument("--account", default=None)
@@ -97,6 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args, gin_bindings = shell.parse(parser, sys.argv[1:] if argv is None else argv)
   if args.gpus_per_node < 1 or args.nodes < 1:
     parser.error("--nodes and --gpus_per_node must be positive")
+  if args.signal_seconds < 0:
+    parser.error("--signal_seconds must be >= 0")
   args.log_dir = args.log_dir or os.path.join(args.workdir, "slurm_logs")
   if re.search(r"\s", args.log_dir):
     parser.error("--log_dir cannot contain whitespace (it goes into an #SBATCH line)")

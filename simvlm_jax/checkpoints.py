@@ -119,6 +119,13 @@ def _agree(ok: bool) -> bool:
 
 
 @gin.configurable
+def absolute(path: str) -> epath.Path:
+  """`path` as an absolute epath: relative local paths are resolved against the working directory
+  (Orbax needs absolute paths); paths with a scheme (gs://...) are kept as they are."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 class Checkpointer:
   """A CheckpointManager for TrainState and the data iterator.
 
@@ -132,7 +139,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1000,
                async_save: bool = True):
     self.save_every = save_every
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     # The interval is decided here (Orbax's own policy would also save the first step).
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
@@ -372,7 +379,7 @@ def load_pretrained_params(init_from: str, target: Any) -> Tuple[Any, dict]:
     resolution, interpolated), "new" (not in the checkpoint: initialised) and "unused" (in the
     checkpoint, not in the model) parameter names.
   """
-  state_dir = _pretrained_step_dir(epath.Path(init_from))
+  state_dir = _pretrained_step_dir(absolute(init_from))
   # Restore the parameters only (never the optimizer state), as host numpy arrays.
   tree = _saved_tree(state_dir / "state")
   what = f"checkpoint {state_dir.name} ({state_dir})"

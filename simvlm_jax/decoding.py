@@ -9,7 +9,7 @@ prefix for the encoder, no EOS, 0-padded), `forced_tokens` int32 `[batch, F]` (a
 start of the decoder output, 0-padded). Outputs exclude both prompts.
 """
 import functools
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import flax
 import gin

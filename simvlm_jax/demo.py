@@ -26,7 +26,7 @@ import gin
 import jax
 import numpy as np
 
-from simvlm_jax import gin_utils
+from simvlm_jax import console, gin_utils
 
 PROMPT = "a picture of"  # SimVLM's "A picture of"; the shapes vocabulary is lower case.
 
@@ -40,22 +40,20 @@ def _run_train(gin_file: str, model_dir: str, bindings) -> None:
 
 def _held_out_accuracy(model_dir: str, split: str, with_images: bool) -> float:
   """Teacher-forced PrefixLM token accuracy on held-out captions (the config of `model_dir`)."""
-  from simvlm_jax import checkpoints
+  from simvlm_jax import run_dir
   from simvlm_jax.data import pipeline
-  from simvlm_jax.models import ModelConfig
   from simvlm_jax.partitioning import Partitioner
   from simvlm_jax.train import evaluate
   from simvlm_jax.trainer import Trainer
-  gin.clear_config()
-  gin_utils.parse_gin([os.path.join(model_dir, "config.gin")], [])
-  trainer = Trainer(ModelConfig(), Partitioner((-1, 1, 1)), total_steps=1)
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"))
-  params = ckpt.restore_params(trainer.abstract_state.params)
-  ckpt.close()
+  run = run_dir.open_run(model_dir)
+  # One device, where open_run put the parameters; the Trainer only lends its eval step.
+  trainer = Trainer(run.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]), total_steps=1)
+  params = run.params
 
-  def batches():
+  def batches(shard_index: int, num_shards: int):
     it = pipeline.make_eval_iterator("shapes64_image_text", split=split, image_text_batch_size=64,
-                                     text_batch_size=0, text_length=8)
+                                     text_batch_size=0, text_length=8, shard_index=shard_index,
+                                     num_shards=num_shards)
     for batch in it:
       if not with_images:  # the text-only model reads the captions without their images
         batch["image_text"].pop("images")
@@ -177,11 +175,13 @@ def main(argv=None) -> None:
   parser.add_argument("--downstream_eval_examples", type=int, default=300,
                       help="examples scored per downstream evaluation")
   parser.add_argument("--skip_downstream", action="store_true")
+  parser.add_argument(console.FLAG, action="store_true",
+                      help="show the libraries' logging (see simvlm_jax.console)")
   args = parser.parse_args(argv)
   start = time.time()
   data_dir = os.path.join(args.workdir, "tfds")
   os.environ["SIMVLM_DATA_DIR"] = data_dir
-  gin_utils.quiet_logging()
+  console.quiet_python()
   importlib.import_module("tasks")
   from tasks import build
 

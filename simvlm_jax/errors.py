@@ -7,7 +7,7 @@ stderr and exit status 2; `--traceback` shows the full Python traceback instead.
 a bug and keeps its traceback (exit status 1).
 """
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from absl import flags
 
@@ -48,10 +48,13 @@ def report_and_exit(error: BaseException) -> NoReturn:
   sys.exit(EXIT_USER_ERROR)
 
 
-def run_main(main: Callable[[], None]) -> None:
-  """Runs a command's body: a UserError becomes one `error:` line and exit status 2."""
+def run_main(main: Callable[[], Any]) -> None:
+  """Runs a command's body: a UserError becomes one `error:` line and exit status 2; an int the
+  body returns is the exit status."""
   try:
-    main()
+    status = main()
+    if isinstance(status, int) and not isinstance(status, bool) and status:
+      sys.exit(status)
   except UserError as e:
     if flags.FLAGS.is_parsed() and _TRACEBACK.value:
       raise

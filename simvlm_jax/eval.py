@@ -26,7 +26,6 @@ model_dir (the prompt is the caption task's "a picture of").
 Evaluation runs on one process and one device (a multi-host sweep would shard the examples).
 """
 import json
-import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -35,16 +34,15 @@ import jax
 import numpy as np
 from absl import app
 from clu import metric_writers
+from etils import epath
 
-from simvlm_jax import checkpoints, decoding, distributed, gin_utils
+from simvlm_jax import checkpoints, decoding, distributed, gin_utils, run_dir
 from simvlm_jax import train  # noqa: F401  (registers `train`, which saved configs bind)
 from simvlm_jax.errors import UserError, run_main
 from simvlm_jax.metrics import captions as caption_metrics
 from simvlm_jax.metrics import classification, vqa
-from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.report import write_html_report
-from simvlm_jax.trainer import Trainer
 
 CAPTION_TASKS = ("coco_captions", "nocaps")
 CLASS_LABELS = {"nlvr2": classification.NLVR2_CLASSES,
@@ -63,18 +61,6 @@ def benchmark_of(task: str) -> str:
 
 def _text(x: Any) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def _run_setting(name: str, default: Any) -> Any:
-  """A binding of the parsed run config (macros resolved), or `default` when it has none."""
-  try:
-    value = gin.query_parameter(name)
-    while isinstance(value, gin.config.ConfigurableReference) and \
-        value.scoped_selector.endswith("/gin.macro"):
-      value = gin.query_parameter("%" + value.scoped_selector[:-len("/gin.macro")])
-    return value
-  except ValueError:
-    return default
 
 
 def score(benchmark: str, predictions: Sequence[str], meta: Sequence[dict],
@@ -142,32 +128,27 @@ class Evaluator:
   def __init__(self, model_dir: str, task: str, split: str, batch_size: int, method: str,
                beam_size: int, alpha: float, max_decode_length: Optional[int],
                max_examples: Optional[int]):
-    config_path = os.path.join(model_dir, "config.gin")
-    if not os.path.isfile(config_path):
-      raise UserError(f"{config_path} not found: model_dir must be a training run's")
     from simvlm_jax.data import finetune  # TensorFlow/seqio only here
-    self.model_dir, self.task, self.split = model_dir, task, split
     self.benchmark = benchmark_of(task)
-    gin.clear_config()
-    gin_utils.parse_gin([config_path], [])
-    self.config = ModelConfig()
-    self.vocabulary = finetune.vocabulary(task)
-    if self.vocabulary.vocab_size != self.config.vocab_size:
-      raise UserError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} token "
-                      f"ids, {task!r} uses {self.vocabulary.vocab_size}")
-    self.inputs_length = _run_setting("make_finetune_iterator.inputs_length", 32)
-    self.targets_length = _run_setting("make_finetune_iterator.targets_length", 32)
+    # The run's own vocabulary copy is bound, so the task tokenizes as the run did.
+    self.run = run_dir.open_run(model_dir, restore=False, need_vocabulary=False)
+    self.model_dir, self.task, self.split = str(self.run.directory), task, split
+    self.config = self.run.config
+    self.vocabulary = self.run.vocabulary or finetune.vocabulary(task)
+    run_dir.check_vocabulary(self.vocabulary, self.config)
+    self.inputs_length = self.run.setting("make_finetune_iterator.inputs_length", 32)
+    self.targets_length = self.run.setting("make_finetune_iterator.targets_length", 32)
     if self.inputs_length + self.targets_length > self.config.max_text_len:
       self.targets_length = self.config.max_text_len - self.inputs_length
     self.batch_size, self.max_examples = batch_size, max_examples
-    self.trainer = Trainer(self.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]),
-                           total_steps=1)
-    self.ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=None)
-    model = self.trainer.model
+    self.abstract_params = run_dir.abstract_params(
+        self.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]))
+    self.ckpt = checkpoints.Checkpointer(str(self.run.directory / run_dir.CHECKPOINTS), keep=None)
+    model = self.run.model
     if self.config.num_classes:
       if self.benchmark != "vqa_v2":
         raise UserError("a classifier model is evaluated on VQA only")
-      self.answers = finetune.answer_vocab(task)
+      self.answers = self.run.answers or finetune.answer_vocab(task)
       self.method = "classifier"
       self._predict = jax.jit(lambda p, im, pre: model.apply({"params": p}, im, pre,
                                                               method="classify"))
@@ -196,7 +177,7 @@ class Evaluator:
     texts = []
     for ids in jax.device_get(out.tokens)[:rows].tolist():
       ids = ids[:ids.index(decoding.EOS_ID)] if decoding.EOS_ID in ids else ids
-      texts.append(self.vocabulary.decode([i for i in ids if i > 0]))
+      texts.append(self.vocabulary.decode([i for i in ids if 0 < i < self.vocabulary.vocab_size]))
     return texts
 
   def predict(self, params, report_images: int = 0) -> tuple[list[str], list[dict], list]:
@@ -221,7 +202,7 @@ class Evaluator:
   def evaluate_step(self, step: int, output_dir: str, caption_metric_names: Sequence[str],
                     report_examples: int, vqa_metric_version: str = vqa.DEFAULT_VERSION) -> dict:
     start = time.time()
-    params = self.ckpt.restore_params(self.trainer.abstract_state.params, step=step)
+    params = self.ckpt.restore_params(self.abstract_params, step=step)
     predictions, meta, images = self.predict(params, report_examples)
     predict_s = time.time() - start
     scores, per_example = score(self.benchmark, predictions, meta, caption_metric_names,
@@ -247,10 +228,9 @@ class Evaluator:
           example["images" if image.ndim == 4 else "image"] = list(image) if image.ndim == 4 \
               else image
         report.append(example)
-    with open(os.path.join(output_dir, f"predictions_{step}.jsonl"), "w") as f:
-      for record in rows:
-        f.write(json.dumps(record) + "\n")
-    write_html_report(os.path.join(output_dir, f"report_{step}.html"),
+    (epath.Path(output_dir) / f"predictions_{step}.jsonl").write_text(
+        "".join(json.dumps(record) + "\n" for record in rows))
+    write_html_report(str(epath.Path(output_dir) / f"report_{step}.html"),
                       f"{self.task} ({self.split}), {self.model_dir} step {step}", scores, report)
     return scores
 
@@ -286,8 +266,8 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
   vqa.resolve_version(vqa_metric_version)  # a typo fails before the model loads
   evaluator = Evaluator(model_dir, task, split, batch_size, method, beam_size, alpha,
                         max_decode_length, max_examples)
-  output_dir = output_dir or os.path.join(model_dir, f"eval_{task}_{split}")
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = epath.Path(output_dir or evaluator.run.directory / f"eval_{task}_{split}")
+  output_dir.mkdir(parents=True, exist_ok=True)
   available = evaluator.steps()
   if not available:
     raise UserError(f"no checkpoint in {model_dir}/checkpoints")
@@ -296,22 +276,18 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
   missing = sorted(set(todo) - set(available))
   if missing:
     raise UserError(f"no checkpoint for steps {missing} in {model_dir}; it has {available}")
-  scores_path = os.path.join(output_dir, "scores.json")
-  all_scores = {}
-  if os.path.exists(scores_path):
-    with open(scores_path) as f:
-      all_scores = json.load(f)
-  writer = metric_writers.create_default_writer(output_dir)
+  scores_path = output_dir / "scores.json"
+  all_scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+  writer = metric_writers.create_default_writer(str(output_dir))
   results = {}
   for step in todo:
     scores = evaluator.evaluate_step(step, output_dir, caption_metric_names, report_examples,
                                      vqa_metric_version)
     results[step] = scores
     all_scores[str(step)] = scores
-    tmp = f"{scores_path}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(all_scores, f, indent=1, sort_keys=True)
-    os.replace(tmp, scores_path)
+    tmp = output_dir / "scores.json.tmp"
+    tmp.write_text(json.dumps(all_scores, indent=1, sort_keys=True))
+    tmp.replace(scores_path)
     numeric = _numeric({k: v for k, v in scores.items()
                         if k not in ("confusion_matrix", "per_question_type", "step")})
     writer.write_scalars(step, {f"eval/{task}/{k}": v for k, v in numeric.items()})

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 import gin
 from absl import flags, logging
 
+from simvlm_jax import console
 from simvlm_jax.errors import UserError
 
 
@@ -101,19 +102,19 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files in.")
   flags.DEFINE_multi_string("import_modules", ["tasks"],
                             "Modules imported before parsing gin (e.g. the SeqIO task registry).")
+  define_console_flags()
 
 
-def quiet_logging() -> None:
-  """Warnings and up only: Orbax and TensorFlow log every step at INFO."""
-  logging.set_verbosity(logging.WARNING)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def define_console_flags() -> None:
+  flags.DEFINE_bool("library_logs", False, "Show the libraries' logging (TensorFlow, XLA, Orbax, "
+                    "absl INFO); off by default, see `simvlm_jax.console`.")
 
 
 def parse_flags() -> None:
-  """Sets the log level, imports `--import_modules`, then parses `--gin_file`s and bindings."""
+  """Quiets library logging (unless --library_logs), imports `--import_modules`, then parses
+  `--gin_file`s and bindings."""
   f = flags.FLAGS
-  if not f["verbosity"].present:
-    quiet_logging()
+  console.quiet_python()
   for module in filter(None, f.import_modules):
     importlib.import_module(module)
   parse_gin(f.gin_file, f.gin_bindings, f.gin_search_paths)

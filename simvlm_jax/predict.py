@@ -1,136 +1,235 @@
-r"""Text for images from a trained checkpoint: captions, or answers to a prompt.
+r"""Text for your images from any trained run: captions, VQA answers, NLVR2 and SNLI-VE labels.
 
-  python -m simvlm_jax.predict --checkpoint_dir=/tmp/simvlm_demo/pretrain \
-      --image='my_images/*.png' --prompt="a picture of" --beam_size=4 --format=json
+  python -m simvlm_jax.predict --checkpoint_dir=demo_output/pretrain --image=my_photos/
+  python -m simvlm_jax.predict --checkpoint_dir=runs/vqa --image='photos/*.jpg' \
+      --prompt="what colour is the square?" --format=json
+  python -m simvlm_jax.predict --checkpoint_dir=runs/nlvr2 --image=left.png --image2=right.png \
+      --prompt="there are two circles"
+  python -m simvlm_jax.predict --checkpoint_dir=runs/snli_ve --image=premise.jpg \
+      --prompt="a dog is sleeping"
 
-The model, its vocabulary and its image size come from the `config.gin` saved in the model
-directory, so no model flags are repeated here. One result per image, in the order given.
+The model, its vocabulary (and a VQA classifier's answers) come from the run directory
+(`simvlm_jax.run_dir`): no data, task registration or model flag is needed. What the prompt means
+follows the run: a caption prefix for pretraining and captioning runs (default "a picture of"), the
+question for VQA, the statement for NLVR2 (one image pair per --image / --image2 match), the
+hypothesis for SNLI-VE. `--image` takes a file, a glob or a folder (its image files).
+
+An image that cannot be read costs one line on stderr (`error: cannot read image ...`) and the rest
+go on; the exit status is 0 when at least one image got its result (1 when none did), and
+`--strict` makes the first unreadable image end the run (exit status 2).
 """
-import glob
 import json
 import os
 import sys
 from typing import List, Optional, Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from simvlm_jax import checkpoints, decoding, distributed, gin_utils
+from simvlm_jax import console, decoding, distributed, gin_utils, run_dir
 from simvlm_jax import train  # noqa: F401  (registers `train`, which saved configs bind)
 from simvlm_jax.errors import UserError, run_main
-from simvlm_jax.models import ModelConfig
-from simvlm_jax.partitioning import Partitioner
-from simvlm_jax.trainer import Trainer
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+CAPTION_PROMPT = "a picture of"
+# What the prompt is for each kind of run (the text the run's task put before the target).
+PROMPT_ROLE = {"vqa_v2": "the question", "nlvr2": "the statement about the image pair",
+               "snli_ve": "the hypothesis", "snli_ve_text": "the hypothesis"}
 
 
 class Predictor:
-  """Restores a checkpoint with its saved gin config and decodes from it.
+  """A run opened for prediction (see `run_dir.open_run`); decodes or classifies batches.
 
   Args:
-    model_dir: a `train.model_dir` (holds `config.gin` and `checkpoints/`).
-    step: the checkpoint step (default: the latest).
+    model_dir: a run directory, or one of its `checkpoints/<step>` directories.
+    step: the checkpoint step (default: the newest).
   """
 
   def __init__(self, model_dir: str, step: Optional[int] = None):
-    config_path = os.path.join(model_dir, "config.gin")
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    if not os.path.isfile(config_path):
-      raise UserError(f"{config_path} not found: --checkpoint_dir must be the model_dir of "
-                      "a training run (it holds config.gin and checkpoints/)")
-    gin.clear_config()
-    gin_utils.parse_gin([config_path], [])
-    self.config = ModelConfig()
-    self.vocabulary = _vocabulary_of_run()
-    if self.vocabulary.vocab_size != self.config.vocab_size:
-      raise UserError(f"model/vocabulary mismatch: the model has {self.config.vocab_size} "
-                      f"token ids but the vocabulary has {self.vocabulary.vocab_size}")
-    if not os.path.isdir(ckpt_dir):
-      raise UserError(f"no checkpoint in {model_dir} (expected {ckpt_dir}/<step>/)")
-    trainer = Trainer(self.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]),
-                      total_steps=1)
-    ckpt = checkpoints.Checkpointer(ckpt_dir)
-    if ckpt.latest_step() is None:
-      raise UserError(f"no checkpoint in {ckpt_dir}")
-    self.step = ckpt.latest_step() if step is None else step
-    self.params = ckpt.restore_params(trainer.abstract_state.params, step=self.step)
-    ckpt.close()
-    self.model = trainer.model
-    self._decoders = {}
+    self.run = run_dir.open_run(model_dir, step)
+    self.config, self.step = self.run.config, self.run.step
+    task = self.run.setting("make_finetune_iterator.task_name")
+    self.benchmark = _benchmark(task) if isinstance(task, str) else None
+    self.classifier = self.config.num_classes > 0
+    if self.classifier and not self.run.answers:
+      raise UserError(f"{self.run.directory} has a classifier head but no {run_dir.ANSWERS_FILE}, "
+                      "so its classes have no names")
+    self._fns = {}
 
-  def _decoder(self, beam_size: int, max_decode_length: int):
-    key = (beam_size, max_decode_length)
-    if key not in self._decoders:
-      method = "beam" if beam_size > 1 else "greedy"
-      fn = decoding.make_decode_fn(self.model, method=method, max_decode_length=max_decode_length,
-                                   beam_size=max(beam_size, 1))
-      self._decoders[key] = jax.jit(fn)
-    return self._decoders[key]
+  @property
+  def pairs(self) -> bool:
+    """Whether the model reads an image pair (NLVR2)."""
+    return self.benchmark == "nlvr2"
+
+  @property
+  def vocabulary(self):
+    return self.run.vocabulary
+
+  def default_prompt(self) -> Optional[str]:
+    return None if self.benchmark in PROMPT_ROLE else CAPTION_PROMPT
 
   def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
     """Prompt token ids (no EOS: the model continues them), 0-padded, `[batch, length]`."""
-    ids = [self.vocabulary.encode(p) for p in prompts]
+    ids = [list(self.vocabulary.encode(p)) for p in prompts]
     length = max(1, max(len(i) for i in ids))
     return np.array([i + [0] * (length - len(i)) for i in ids], np.int32)
 
+  def _fn(self, beam_size: int, max_decode_length: int):
+    key = "classify" if self.classifier else (beam_size, max_decode_length)
+    if key not in self._fns:
+      model = self.run.model
+      if self.classifier:
+        fn = lambda p, im, pre: model.apply({"params": p}, im, pre, method="classify")  # noqa
+      else:
+        fn = decoding.make_decode_fn(model, method="beam" if beam_size > 1 else "greedy",
+                                     max_decode_length=max_decode_length,
+                                     beam_size=max(beam_size, 1))
+      self._fns[key] = jax.jit(fn)
+    return self._fns[key]
+
   def generate(self, images: Optional[np.ndarray], prompts: Sequence[str], beam_size: int = 1,
                max_decode_length: int = 32) -> List[dict]:
-    """`images`: uint8 `[batch, H, W, 3]` at the model's size (or None for text only)."""
-    out = self._decoder(beam_size, max_decode_length)(
-        self.params, None if images is None else jnp.asarray(images),
+    """`images`: uint8 `[batch, H, W, 3]` (`[batch, 2, H, W, 3]` for pairs) at the model's size,
+    or None for text only. A classifier's "score" is its answer's probability; a decoder's, the
+    sequence log-probability."""
+    out = self._fn(beam_size, max_decode_length)(
+        self.run.params, None if images is None else jnp.asarray(images),
         jnp.asarray(self.encode_prompt(prompts)))
+    if self.classifier:
+      probs = jax.device_get(jax.nn.sigmoid(out))
+      top = np.argmax(probs, axis=-1)
+      return [{"prediction": self.run.answers[i] if i < len(self.run.answers) else "",
+               "score": float(p[i])} for i, p in zip(top, probs)]
     tokens, scores = jax.device_get((out.tokens, out.scores))
-    results = []
-    for row, score in zip(tokens, scores):
-      ids = [int(t) for t in row]
-      ids = ids[:ids.index(decoding.EOS_ID)] if decoding.EOS_ID in ids else ids
-      results.append({"prediction": self.vocabulary.decode(ids), "score": float(score)})
-    return results
+    return [{"prediction": self.run.decode(row.tolist()), "score": float(score)}
+            for row, score in zip(tokens, scores)]
 
 
-def _vocabulary_of_run():
-  """The vocabulary of the run's training data (tasks are registered by the config's imports)."""
-  from simvlm_jax.data import pipeline  # TensorFlow/seqio only when predicting from real data.
+def _benchmark(task: str) -> Optional[str]:
+  from simvlm_jax.eval import benchmark_of  # pylint: disable=import-outside-toplevel
   try:
-    name = gin.query_parameter("make_pretrain_iterator.mixture_or_task_name")
-  except ValueError:
-    raise UserError("the run's config.gin names no training task, so its vocabulary is "
-                    "unknown (was it trained on synthetic data?)") from None
-  return pipeline.vocabulary(name)
+    return benchmark_of(task)
+  except UserError:
+    return None  # a task of the user's own: treated as captioning
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-  """Any JPEG/PNG -> uint8 `[size, size, 3]` (centre crop), with a clear error if unreadable."""
-  import tensorflow as tf
-  from simvlm_jax.data import image_ops
+  """Any JPEG/PNG/GIF/BMP -> uint8 `[size, size, 3]` (centre crop), as evaluation prepares it.
+  Raises UserError naming the file and the reason when it cannot be read."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from simvlm_jax.data import image_ops  # pylint: disable=import-outside-toplevel
   try:
-    with open(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:
       encoded = f.read()
     image = image_ops.decode_rgb(tf.constant(encoded))
     return image_ops.crop_and_resize(image, (size, size)).numpy()
-  except (OSError, tf.errors.InvalidArgumentError) as e:
-    raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+  except (OSError, tf.errors.OpError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "Op:" in reason:  # TensorFlow's suffix names its kernel, not the problem
+      reason = reason.split("[Op:")[0].rsplit("}}", 1)[-1].strip()
+    raise UserError(f"cannot read image {path}: {reason}") from None
 
 
 def expand_images(pattern: str) -> List[str]:
-  paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-  if not paths:
-    raise UserError(f"no image matches {pattern!r}")
-  return paths
+  """A file, a glob (sorted) or a folder (its image files, sorted); relative paths stay relative."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if tf.io.gfile.isdir(pattern):
+    paths = sorted(os.path.join(pattern, name) for name in tf.io.gfile.listdir(pattern)
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+      raise UserError(f"folder {pattern} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+  if any(c in pattern for c in "*?["):
+    paths = sorted(tf.io.gfile.glob(pattern))
+    if not paths:
+      raise UserError(f"no file matches {pattern!r}")
+    return paths
+  return [pattern]
 
 
 def _define_flags():
-  flags.DEFINE_string("checkpoint_dir", None, "model_dir of a training run.", required=True)
-  flags.DEFINE_string("image", None, "An image path or glob.", required=True)
-  flags.DEFINE_string("image2", None, "Second image (two-image models, e.g. NLVR2).")
-  flags.DEFINE_string("prompt", "a picture of", "Text prefix for the encoder.")
+  flags.DEFINE_string("checkpoint_dir", None, "A run directory (train.model_dir), or one of its "
+                      "checkpoints/<step> directories.", required=True)
+  flags.DEFINE_string("image", None, "An image file, glob or folder.", required=True)
+  flags.DEFINE_string("image2", None, "NLVR2 runs: the second image of each pair (file, glob or "
+                      "folder, matched to --image in sorted order).")
+  flags.DEFINE_string("prompt", None, "Caption prefix (captioning runs, default 'a picture of'), "
+                      "question (VQA), statement (NLVR2) or hypothesis (SNLI-VE).")
   flags.DEFINE_integer("beam_size", 1, "1: greedy; > 1: beam search.")
   flags.DEFINE_integer("max_decode_length", 32, "Most tokens to generate.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   flags.DEFINE_integer("batch_size", 8, "Images decoded together.")
-  flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+  flags.DEFINE_enum("format", "text", ["text", "json"], "text: path<TAB>prediction; json: one "
+                    "object a line with the prompt and the score.")
+  gin_utils.define_console_flags()
+  flags.DEFINE_bool("strict", False, "The first unreadable image ends the run (exit status 2) "
+                    "instead of costing one line on stderr.")
+
+
+def _inputs(predictor: Predictor, f) -> List[tuple]:
+  """(paths, ...) per example: (image,) or (image, image2)."""
+  images = expand_images(f.image)
+  if predictor.pairs:
+    if not f.image2:
+      raise UserError("this is an NLVR2 run: give the second image of each pair with --image2")
+    second = expand_images(f.image2)
+    if len(second) != len(images):
+      raise UserError(f"--image gives {len(images)} images and --image2 {len(second)}; they are "
+                      "paired in sorted order, so give as many of each")
+    return list(zip(images, second))
+  if f.image2:
+    raise UserError(f"--image2 is for NLVR2 runs (image pairs); {f.checkpoint_dir} is "
+                    f"{'a ' + predictor.benchmark if predictor.benchmark else 'a captioning'} run")
+  return [(path,) for path in images]
+
+
+def _predict() -> int:
+  f = flags.FLAGS
+  console.quiet_python()
+  predictor = Predictor(f.checkpoint_dir, f.step)
+  prompt = f.prompt if f.prompt is not None else predictor.default_prompt()
+  if prompt is None:
+    raise UserError(f"this is a {predictor.benchmark} run: give {PROMPT_ROLE[predictor.benchmark]}"
+                    " with --prompt")
+  examples, size = _inputs(predictor, f), predictor.config.image_size
+  done = failed = 0
+  for start in range(0, len(examples), f.batch_size):
+    chunk, pixels = [], []
+    for paths in examples[start:start + f.batch_size]:
+      try:
+        pixels.append(np.stack([load_image(p, size) for p in paths]))
+        chunk.append(paths)
+      except UserError as e:
+        if f.strict:
+          raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        failed += 1
+    if not chunk:
+      continue
+    # A fixed batch shape (padded with blank images): one compilation for every chunk.
+    batch = np.zeros((f.batch_size,) + pixels[0].shape, np.uint8)
+    batch[:len(pixels)] = pixels
+    if not predictor.pairs:
+      batch = batch[:, 0]
+    results = predictor.generate(batch, [prompt] * f.batch_size, f.beam_size,
+                                 f.max_decode_length)
+    for paths, result in zip(chunk, results):
+      if f.format == "json":
+        record = {"image": paths[0], **({"image2": paths[1]} if len(paths) > 1 else {}),
+                  "prompt": prompt, **result}
+        print(json.dumps(record), flush=True)
+      else:
+        print("\t".join(paths) + f"\t{result['prediction']}", flush=True)
+      done += 1
+  if failed:
+    print(f"{done} of {done + failed} images predicted; {failed} could not be read",
+          file=sys.stderr, flush=True)
+  if not done:
+    print("error: no image could be read", file=sys.stderr, flush=True)
+    return 1
+  return 0
 
 
 def main(argv):
@@ -139,23 +238,6 @@ def main(argv):
   run_main(_predict)
 
 
-def _predict():
-  f = flags.FLAGS
-  predictor = Predictor(f.checkpoint_dir, f.step)
-  if f.image2:
-    raise UserError(f"--image2 needs a two-image (NLVR2) model; {f.checkpoint_dir} is not one")
-  paths = expand_images(f.image)
-  for start in range(0, len(paths), f.batch_size):
-    chunk = paths[start:start + f.batch_size]
-    images = np.stack([load_image(p, predictor.config.image_size) for p in chunk])
-    for path, result in zip(chunk, predictor.generate(images, [f.prompt] * len(chunk),
-                                                      f.beam_size, f.max_decode_length)):
-      if f.format == "json":
-        print(json.dumps({"image": path, "prompt": f.prompt, **result}), flush=True)
-      else:
-        print(f"{path}\t{result['prediction']}", flush=True)
-
-
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, argv=gin_utils.main_argv())

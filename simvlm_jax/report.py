@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+from etils import epath
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels
 
@@ -138,14 +139,14 @@ def render_html_report(title: str, scores: Mapping[str, Any], examples: Sequence
 def write_html_report(path: str, title: str, scores: Mapping[str, Any],
                       examples: Sequence[Mapping[str, Any]],
                       max_examples: Optional[int] = None) -> str:
-  """Writes the report to `path` (a local file; parent folders are created) and returns the path.
-
-  Written to a temporary file first, then renamed, so a reader never sees half a report.
+  """Writes the report to `path` (any epath: local or gs://; parent folders are created) and
+  returns the path. Written to a temporary file first, then renamed, so a reader never sees half
+  a report.
   """
   page = render_html_report(title, scores, examples, max_examples)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(page)
-  os.replace(tmp, path)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
+  tmp.write_text(page, encoding="utf-8")
+  tmp.replace(target)
   return path

@@ -19,7 +19,7 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from simvlm_jax import checkpoints, distributed, gin_utils, objectives, preemption
+from simvlm_jax import checkpoints, distributed, gin_utils, objectives, preemption, run_dir
 from simvlm_jax.errors import DivergenceError, UserError, run_main
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
@@ -207,6 +207,8 @@ def train(model_dir: str = gin.REQUIRED,
   `resume_data_position=False` resumes the train state alone (e.g. on another number of hosts).
   """
   _check_run_settings(total_steps, log_every, checkpoint_every)
+  model_dir = str(checkpoints.absolute(model_dir))  # relative paths resolve here, once
+  init_from = init_from and str(checkpoints.absolute(init_from))
   model_config = model_config or ModelConfig()
   partitioner = partitioner or Partitioner()
   is_main = jax.process_index() == 0
@@ -238,7 +240,10 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
                 resume_data_position: bool, stop_after_step: Optional[int]) -> Any:
   partitioner = trainer.partitioner
   is_main = jax.process_index() == 0
+  if init_from:  # finetuning tokenizes with the pretrained run's vocabulary
+    run_dir.inherit_vocabulary(init_from)
   data = train_iterator_fn(shard_index=jax.process_index(), num_shards=jax.process_count())
+  _write_run_files(model_dir, data, trainer.config, init_from, is_main)
   state = _restore(ckpt, trainer, data, resume_data_position, log)
   if state is None and init_from:
     params, report = checkpoints.load_pretrained_params(init_from, trainer.init_state().params)
@@ -254,7 +259,7 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
 
   writer = metric_writers.create_default_writer(model_dir, just_logging=not is_main)
   if is_main:
-    (epath.Path(model_dir) / "config.gin").write_text(gin.config_str())
+    (epath.Path(model_dir) / run_dir.CONFIG_FILE).write_text(run_dir.config_text(model_dir))
     writer.write_hparams({"total_steps": total_steps, "seed": seed,
                           "mesh": str(dict(partitioner.mesh.shape))})
 
@@ -308,6 +313,22 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
   writer.flush()
   writer.close()
   return state
+
+
+def _write_run_files(model_dir: str, data: Any, config: ModelConfig, init_from: Optional[str],
+                     is_main: bool) -> None:
+  """Checks the data's vocabulary against the model before any step, and copies it (and a VQA
+  classifier's answers) into the run directory, so predict and eval need nothing else."""
+  vocabulary = getattr(data, "vocabulary", None)
+  if vocabulary is None:
+    return  # synthetic batches: token ids without text
+  run_dir.check_vocabulary(vocabulary, config)
+  if init_from:
+    run_dir.check_same_vocabulary(init_from, vocabulary)
+  if is_main:
+    run_dir.write_vocabulary(model_dir, vocabulary)
+    if getattr(data, "answers", None):
+      run_dir.write_answers(model_dir, data.answers)
 
 
 def main(argv: Sequence[str]):

@@ -210,6 +210,17 @@ def check_batch(config: ModelConfig, host_batch: Any) -> None:
                       "the data's lengths or raise max_text_len")
 
 
+def init_params(model: SimVLM, config: ModelConfig, rng: Array) -> Any:
+  """Freshly initialised (logically boxed) parameters of every head the config has."""
+  batch = dummy_batch(config, 1, 4, 1, 4)["image_text"]
+  tokens = batch["text_tokens"]
+
+  def init(module, images, tokens):
+    out = module(images, tokens, tokens, tokens)
+    return (out, module.classify(images, tokens)) if config.num_classes else out
+  return model.init(rng, batch["images"], tokens, method=init)["params"]
+
+
 class Trainer:
   """Builds sharded state and the jitted, donated train/eval steps for one model and mesh."""
 
@@ -234,13 +245,7 @@ class Trainer:
                               out_shardings=partitioner.replicated)
 
   def _init_boxed(self, rng):
-    batch = dummy_batch(self.config, 1, 4, 1, 4)["image_text"]
-    tokens = batch["text_tokens"]
-    def init(module, images, tokens):
-      out = module(images, tokens, tokens, tokens)
-      return (out, module.classify(images, tokens)) if self.config.num_classes else out
-    variables = self.model.init(rng, batch["images"], tokens, method=init)
-    params = variables["params"]
+    params = init_params(self.model, self.config, rng)
     return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
   def _abstract_boxed_state(self):

@@ -13,6 +13,7 @@ Build the data first: `python -m tasks.build shapes` (see `tasks/build.py`). You
 shards, read in place), `register_text_file` and `register_pretrain_mixture`, callable from Python
 or gin (`@register_pretrain_mixture()` as a value).
 """
+import simvlm_jax  # noqa: F401  (first: a command's library logging is set up there)
 from tasks.folder_builder import ImageTextFolder
 from tasks.pretraining import (IMAGE_TEXT_RATE, TEXT_RATE, register_image_text_folder,
                                register_image_text_parquet, register_pretrain_mixture,

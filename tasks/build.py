@@ -37,6 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from simvlm_jax import console
 from simvlm_jax.data import paths, vocab
 from tasks import folder_builder, shapes_builders, vocabularies
 from tasks.downstream import build as downstream_build
@@ -86,6 +87,8 @@ def main(argv=None) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data_dir", default=None, help="TFDS data directory")
   parser.add_argument("--overwrite", action="store_true", help="rebuild what exists")
+  parser.add_argument(console.FLAG, action="store_true",
+                      help="show the libraries' logging (see simvlm_jax.console)")
   commands = parser.add_subparsers(dest="command", required=True)
 
   shapes = commands.add_parser("shapes", help="the shapes world (image-text and text-only)")
@@ -115,6 +118,7 @@ def main(argv=None) -> None:
   own_vocab.add_argument("--max_sentences", type=int, default=None)
   downstream_build.add_commands(commands)
   args = parser.parse_args(argv)
+  console.quiet_python()
   if args.command == "vocab":
     changed = [f"--{k}" for k in ("vocab_size", "output", "model_type", "field", "caption_ext",
                                   "max_sentences") if getattr(args, k) != own_vocab.get_default(k)]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import tasks
 from simvlm_jax.data import feature_converter, pipeline
-from simvlm_jax.errors import UserError
+from simvlm_jax.errors import DataError, UserError
 from tasks import shapes_builders
 
 SIZES = {"train": 48, "validation": 16, "compositional": 12}
@@ -339,6 +339,29 @@ def test_decode_errors_are_dropped_in_order_and_input_errors_stop_the_stream(tra
 
   with pytest.raises(tf.errors.InvalidArgumentError, match="damaged input"):
     list(converter(tf.data.Dataset.range(45).map(damaged), None))
+
+
+def test_a_damaged_tfrecord_stops_the_stream_in_one_line(tmp_path):
+  """A cut TFRecord is not a bad image: no row is dropped and counted, the run stops naming it."""
+  data_dir = str(tmp_path / "tfds")
+  shapes_builders.ShapesWorld(config="64px", data_dir=data_dir,
+                              split_sizes={"train": 4, "validation": 16, "compositional": 2},
+                              num_workers=0).download_and_prepare()
+  shapes_builders.ShapesWorldText(data_dir=data_dir, split_sizes={"train": 4, "validation": 2},
+                                  num_workers=0).download_and_prepare()
+  mixture = tasks.register_shapes("64px", data_dir=data_dir, prefix="ptest_damaged")
+  record, = [os.path.join(root, name) for root, _, names in os.walk(data_dir) for name in names
+             if "shapes_world-validation.tfrecord" in name]
+  with open(record, "rb") as f:
+    data = f.read()
+  with open(record, "wb") as f:
+    f.write(data[:len(data) // 2])
+  it = pipeline.make_eval_iterator(mixture, split="validation", image_text_batch_size=4,
+                                   text_batch_size=0, shard_index=0, num_shards=1, **KW)
+  with pytest.raises(DataError, match=r"^the input pipeline cannot read its data: "
+                     r"DataLossError: .*truncated record") as error:
+    list(it)
+  assert "\n" not in str(error.value)
 
 
 def test_converter_rejects_bad_settings():

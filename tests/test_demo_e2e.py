@@ -32,8 +32,8 @@ def demo(tmp_path_factory):
   return tmp, out.stdout
 
 
-def _predict(tmp, *args):
-  return subprocess.run([sys.executable, "-m", "simvlm_jax.predict", *args], cwd=REPO,
+def _predict(tmp, *args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "simvlm_jax.predict", *args], cwd=cwd,
                         env=_env(tmp), capture_output=True, text=True, timeout=300)
 
 
@@ -68,16 +68,36 @@ def test_predict_command(demo):
   text = _predict(tmp, f"--checkpoint_dir={model_dir}", f"--image={images}/a.png")
   assert text.returncode == 0 and text.stdout.startswith(f"{images}/a.png\t")
 
+  # A folder with a broken file among the good ones, from its own directory with relative paths
+  # (as the README has it): one line for the broken file, a result for every other, exit 0.
   (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  (images / "notes.txt").write_text("not an image: skipped by its extension")
+  folder = _predict(tmp, "--checkpoint_dir=work/pretrain", "--image=images", cwd=tmp)
+  assert folder.returncode == 0, folder.stderr[-2000:]
+  assert [line.split("\t")[0] for line in folder.stdout.splitlines()] == ["images/a.png",
+                                                                          "images/b.png"]
+  broken, summary = folder.stderr.splitlines()
+  assert broken.startswith("error: cannot read image images/broken.jpg: ") and "[Op:" not in broken
+  assert summary == "2 of 3 images predicted; 1 could not be read"
+  strict = _predict(tmp, "--checkpoint_dir=work/pretrain", "--image=images", "--strict", cwd=tmp)
+  assert strict.returncode == 2 and strict.stderr.splitlines() == [broken]
   bad = _predict(tmp, f"--checkpoint_dir={model_dir}", f"--image={images}/broken.jpg")
-  assert bad.returncode == 1 and "cannot read image" in bad.stderr
+  assert bad.returncode == 1 and bad.stderr.splitlines()[-1] == "error: no image could be read"
+  # The step directory of a checkpoint works as well as its run.
+  step = _predict(tmp, "--checkpoint_dir=work/pretrain/checkpoints/3", "--image=images/a.png",
+                  cwd=tmp)
+  assert step.returncode == 0 and step.stdout == "images/a.png\t" + text.stdout.split("\t")[1]
 
   missing = _predict(tmp, f"--checkpoint_dir={tmp / 'nowhere'}", f"--image={images}/a.png")
-  assert missing.returncode == 1 and "config.gin not found" in missing.stderr
+  assert missing.returncode == 2 and "is not a run directory" in missing.stderr
 
+  # An embedding larger than the vocabulary is fine (padded rows); a smaller one is not.
   mismatch = tmp / "mismatch"
   shutil.copytree(model_dir, mismatch)
-  config = (mismatch / "config.gin").read_text().replace("VOCAB_SIZE = 512", "VOCAB_SIZE = 600")
+  config = (mismatch / "config.gin").read_text().replace("VOCAB_SIZE = 512", "VOCAB_SIZE = 500")
   (mismatch / "config.gin").write_text(config)
   wrong = _predict(tmp, f"--checkpoint_dir={mismatch}", f"--image={images}/a.png")
-  assert wrong.returncode == 1 and "model/vocabulary mismatch" in wrong.stderr
+  assert wrong.returncode == 2 and wrong.stderr.splitlines() == [
+      "error: the vocabulary has 512 ids but the model embeds only 500 (ModelConfig.vocab_size): "
+      "set VOCAB_SIZE to at least 512, or tokenize with a smaller vocabulary "
+      "(sentencepiece_vocabulary.model_path)"]

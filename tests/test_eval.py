@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from simvlm_jax import eval as eval_lib
 from simvlm_jax.metrics import vqa as vqa_metrics
@@ -157,6 +158,32 @@ def test_pretrain_finetune_evaluate(tmp_path):
   for r in rows:
     assert r["score"] == pytest.approx(100 * vqa_metrics.question_accuracy(r["prediction"],
                                                                             r["answers"]))
+
+  # predict on the finetuned runs, from their run directories alone: the classifier names an
+  # answer of its own answers.txt; NLVR2 reads an image pair and needs its statement.
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  rng = np.random.default_rng(0)
+  for name in ("left.png", "right.jpg"):
+    Image.fromarray(rng.integers(0, 255, (70, 90, 3), np.uint8)).save(photos / name)
+  predicted = json.loads(_run(tmp_path, "simvlm_jax.predict", f"--checkpoint_dir={vqa}",
+                              f"--image={photos}/left.png", "--prompt=what colour is the circle?",
+                              "--format=json"))
+  assert predicted["prediction"] in answers and 0.0 < predicted["score"] < 1.0
+  assert (vqa / "answers.txt").read_text().splitlines() == answers
+  pair = json.loads(_run(tmp_path, "simvlm_jax.predict", f"--checkpoint_dir={finetuned}",
+                         f"--image={photos}/left.png", f"--image2={photos}/right.jpg",
+                         "--prompt=there is a red circle", "--format=json"))
+  assert pair["image2"] == f"{photos}/right.jpg" and isinstance(pair["prediction"], str)
+  for args, message in (([f"--image={photos}/left.png", "--prompt=x"],
+                         "this is an NLVR2 run: give the second image of each pair with --image2"),
+                        ([f"--image={photos}/left.png", f"--image2={photos}/right.jpg"],
+                         "this is a nlvr2 run: give the statement about the image pair with "
+                         "--prompt")):
+    out = subprocess.run([sys.executable, "-m", "simvlm_jax.predict",
+                          f"--checkpoint_dir={finetuned}", *args], cwd=REPO, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.splitlines() == [f"error: {message}"]
 
   # Zero-shot captioning of the pretraining checkpoint, same command, beam search.
   _run(tmp_path, "simvlm_jax.eval", "--gin_file=gin/eval.gin",

@@ -5,6 +5,7 @@ the signals are in tests/test_fault_commands.py."""
 import json
 import os
 import shutil
+import signal
 
 import gin
 import jax
@@ -13,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tasks  # noqa: F401  (registers the shapes tasks the user-error cases name)
-from simvlm_jax import checkpoints, decoding, gin_utils, train, trainer
+from simvlm_jax import checkpoints, decoding, gin_utils, preemption, train, trainer
 from simvlm_jax.data import pipeline
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.errors import CheckpointError, DivergenceError, UserError, one_line
@@ -365,3 +366,18 @@ def test_prompt_longer_than_the_text_positions(tiny_config):
   with pytest.raises(UserError, match="a prompt of 30 tokens and max_decode_length 8 need 38 "
                      "text positions, the model has 32"):
     jax.eval_shape(fn, tr.abstract_state.params, images, np.ones((1, 30), np.int32))
+
+
+def test_ctrl_c_stops_at_the_next_step_and_twice_stops_at_once(capsys):
+  """SIGINT takes the SIGTERM path (save the step reached, exit 0; end to end for SIGTERM:
+  tests/test_resume_pipeline.py and tests/test_multihost.py); a second Ctrl-C interrupts."""
+  previous = signal.getsignal(signal.SIGINT)
+  with preemption.PreemptionWatcher() as watcher:
+    assert not watcher.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert watcher.received == "SIGINT" and watcher.reached(2)
+    assert capsys.readouterr().out == ("SIGINT received: stopping after the step in flight to save "
+                                       "a checkpoint (Ctrl-C again to stop at once)\n")
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is previous  # the handlers are put back

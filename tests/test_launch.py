@@ -194,6 +194,9 @@ cat > /shared/simvlm_jax/slurm_logs/simvlm.sbatch <<'SBATCH_EOF'
 #SBATCH --time=24:00:00
 #SBATCH --output=/shared/simvlm_jax/slurm_logs/%x-%j.out
 #SBATCH --exclusive
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
 #SBATCH --partition=gpu
 #SBATCH --account=vlm
 #SBATCH --qos=high
@@ -206,11 +209,28 @@ export NCCL_DEBUG=WARN
 SIMVLM_COORDINATOR_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 export SIMVLM_COORDINATOR_ADDRESS="${SIMVLM_COORDINATOR_HOST}:$((61440 + SLURM_JOB_ID % 4096))"
 
+# Preemption: SIGTERM makes every task finish its step, save a checkpoint of it (state and data
+# position) and exit 0; the same script run again resumes from there. SLURM sends SIGTERM itself
+# when it preempts the job for another one, and requeues it (PreemptMode=REQUEUE). Ahead of the
+# time limit it sends SIGUSR1 to this script instead (--signal=B:USR1@...), which passes SIGTERM on
+# to the tasks through srun and, once they have saved, requeues the job (same job id, same log).
+on_time_limit() {
+  echo "simvlm: job ${SLURM_JOB_ID} reaches its time limit soon: stopping the run at a checkpoint"
+  kill -TERM "$srun_pid"
+  wait "$srun_pid" || true
+  echo "simvlm: requeueing job ${SLURM_JOB_ID}"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+trap on_time_limit USR1
+
 srun --kill-on-bad-exit=1 .venv/bin/python -m simvlm_jax.train \\
     --gin_file=gin/models/simvlm_base.gin \\
     --gin_file=gin/pretrain.gin \\
     '--gin.train.model_dir='"'"'gs://bucket/simvlm base'"'"'' \\
-    --gin.train.total_steps=1000000
+    --gin.train.total_steps=1000000 &
+srun_pid=$!
+wait "$srun_pid"
 SBATCH_EOF
 sbatch /shared/simvlm_jax/slurm_logs/simvlm.sbatch
 """
@@ -219,14 +239,16 @@ sbatch /shared/simvlm_jax/slurm_logs/simvlm.sbatch
 def test_slurm_per_node_processes(capsys):
   out = _dry_run(capsys, slurm, ["--nodes=4", "--processes=per_node", "--gpus_per_node=4",
                                  "--job_name=base", "--log_dir=/logs", "--port=7000",
-                                 "--gin_file=a.gin"])
+                                 "--signal_seconds=0", "--no-requeue", "--gin_file=a.gin"])
   lines = out.splitlines()
   for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
                "#SBATCH --cpus-per-task=32", "#SBATCH --output=/logs/%x-%j.out",
                'export SIMVLM_COORDINATOR_ADDRESS="${SIMVLM_COORDINATOR_HOST}:7000"']:
     assert line in lines
-  assert not any(line.startswith(("#SBATCH --partition", "#SBATCH --account", "export NCCL"))
+  assert not any(line.startswith(("#SBATCH --partition", "#SBATCH --account", "export NCCL",
+                                  "#SBATCH --signal", "#SBATCH --requeue"))
                  for line in lines)
+  assert "scontrol requeue" not in out
   assert lines[0] == "mkdir -p /logs" and lines[-1] == "sbatch /logs/base.sbatch"
 
 
@@ -268,3 +290,47 @@ def test_slurm_submission_reaches_distributed_initialize(tmp_path, monkeypatch):
   assert distributed.resolve(task) == {
       "coordinator_address": f"gpu-12:{port}", "num_processes": 16, "process_id": 11,
       "local_device_ids": [3], "cluster_detection_method": "deactivate"}
+
+
+def test_slurm_time_limit_stops_the_run_at_a_checkpoint_and_requeues(tmp_path, monkeypatch):
+  """SIGUSR1 to the batch script (what --signal=B:USR1@300 makes SLURM send) reaches the tasks as
+  SIGTERM through srun; once srun has exited the job is requeued."""
+  bin_dir, workdir, events = tmp_path / "bin", tmp_path / "checkout", tmp_path / "events"
+  bin_dir.mkdir()
+  workdir.mkdir()
+  tools = {
+      # Detached, like a real batch job; the script's pid lets the test play SLURM's part.
+      "sbatch": "#!/bin/bash\nSLURM_JOB_ID=4242 SLURM_JOB_NODELIST=gpu-1 bash \"$1\" "
+                "> \"$EVENTS.log\" 2>&1 &\necho $! > \"$EVENTS.pid\"\n",
+      "scontrol": "#!/bin/bash\nif [ \"$1\" = show ]; then echo gpu-1; "
+                  "else echo \"scontrol $*\" >> \"$EVENTS\"; fi\n",
+      # A train process that saves and exits 0 on SIGTERM.
+      "srun": f"#!{sys.executable}\nimport os, signal, sys, time\n"
+              "events = os.environ['EVENTS']\n"
+              "def stop(signum, frame):\n"
+              "  open(events, 'a').write('srun got SIGTERM\\n'); sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "open(events, 'a').write('srun started\\n')\n"
+              "time.sleep(60)\n"
+              "open(events, 'a').write('srun ran to the end\\n')\n",
+  }
+  for name, text in tools.items():
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  monkeypatch.setenv("EVENTS", str(events))
+
+  slurm.main([*SLURM_ARGS, f"--workdir={workdir}", f"--log_dir={tmp_path / 'logs'}"])
+  deadline = time.time() + 30
+  while "srun started" not in (events.read_text() if events.exists() else ""):
+    assert time.time() < deadline, "srun never started"
+    time.sleep(0.1)
+  script_pid = int((tmp_path / "events.pid").read_text())
+  os.kill(script_pid, signal.SIGUSR1)
+  while "scontrol requeue" not in events.read_text():
+    assert time.time() < deadline, events.read_text()
+    time.sleep(0.1)
+  assert events.read_text().splitlines() == ["srun started", "srun got SIGTERM",
+                                             "scontrol requeue 4242"]
+  log = (tmp_path / "events.log").read_text()
+  assert "job 4242 reaches its time limit soon: stopping the run at a checkpoint" in log

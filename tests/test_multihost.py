@@ -9,6 +9,8 @@ write together restores in a single process, onto another mesh, with the same pa
 import glob
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 4
+STEPS = 12
 GIN_FILE = "gin/runs/synthetic_tiny.gin"
 # text_batch 8 so 8 devices divide both sub-batches; a 1+1 layer, 1-stage model keeps compilation
 # short (the loop, sharding and checkpoint code are the same at any size).
@@ -41,11 +43,17 @@ BINDINGS = ["SyntheticIterator.text_batch = 8", "ModelConfig.num_encoder_layers 
 TIMEOUT_S = 600
 
 
-def _command(model_dir):
+# An eval split of 9 examples after the last step: 5 go to process 0 (two batches of 4 rows),
+# 4 to process 1 (one batch), which must pad a second step for the collectives to match.
+EVAL = ["train.eval_iterator_fn = @eval/SyntheticIterator",
+        "eval/SyntheticIterator.num_examples = 9", f"train.eval_every = {STEPS}"]
+
+
+def _command(model_dir, extra=()):
   return [sys.executable, "-m", "simvlm_jax.train", "--import_modules=", f"--gin_file={GIN_FILE}",
           f"--gin.train.model_dir='{model_dir}'", f"--gin.train.total_steps={STEPS}",
           f"--gin.train.checkpoint_every={STEPS}", "--gin.train.log_every=1",
-          *[f"--gin_bindings={b}" for b in BINDINGS]]
+          *[f"--gin_bindings={b}" for b in [*BINDINGS, *extra]]]
 
 
 def _env(devices, **extra):
@@ -97,7 +105,7 @@ def _scalars(model_dir):
 
 def _progress_steps(stdout):
   return [int(line.split()[1].split("/")[0]) for line in stdout.splitlines()
-          if line.startswith("step ")]
+          if re.match(r"step \d+/", line)]
 
 
 def _model_config():
@@ -110,24 +118,55 @@ def _model_config():
 
 
 def _restore(model_dir, trainer):
-  data = SyntheticIterator()
-  state = Checkpointer(os.path.join(model_dir, "checkpoints")).restore(trainer.abstract_state, data)
-  return state, data.position
+  """The train state alone: a 2-process run's data positions cannot be resumed by 1 process."""
+  return Checkpointer(os.path.join(model_dir, "checkpoints")).restore(trainer.abstract_state)
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(_command(single), cwd=REPO, env=_env(8), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)]
+def _start_pair(model_dir, address, extra=()):
+  """The two processes of a 2-process run on loopback, stdout to files (read while they run)."""
+  procs = []
   for pid in range(2):
     env = _env(4, SIMVLM_COORDINATOR_ADDRESS=address, SIMVLM_NUM_PROCESSES="2",
                SIMVLM_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(_command(multi), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  single_out, multi_out0, multi_out1 = _wait_all(procs)
+    os.makedirs(model_dir, exist_ok=True)
+    out = open(os.path.join(os.path.dirname(model_dir), f"{os.path.basename(model_dir)}_{pid}.out"),
+               "w+")
+    procs.append(subprocess.Popen(_command(model_dir, extra), cwd=REPO, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True))
+    procs[-1].log = out
+  return procs
 
+
+def _wait_pair(procs):
+  for proc in procs:
+    try:
+      proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+  logs = []
+  for proc in procs:
+    proc.log.seek(0)
+    logs.append(proc.log.read())
+  if any(proc.returncode != 0 for proc in procs):
+    pytest.fail("\n\n".join(f"rc={p.returncode}\n{log[-5000:]}" for p, log in zip(procs, logs)))
+  return logs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One process with 8 devices and two with 4 each, the same run (with an eval at the end)."""
+  tmp = tmp_path_factory.mktemp("runs")
+  single, multi = str(tmp / "single"), str(tmp / "multi")
+  procs = [subprocess.Popen(_command(single, EVAL), cwd=REPO, env=_env(8),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+  single_out, = _wait_all(procs)
+  multi_out0, multi_out1 = _wait_pair(_start_pair(multi, f"127.0.0.1:{_free_port()}", EVAL))
+  return single, multi, (single_out, multi_out0, multi_out1)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(runs):
+  single, multi, (single_out, multi_out0, multi_out1) = runs
   # Console, metrics and gin files come from process 0 only.
   assert _progress_steps(single_out) == list(range(1, STEPS + 1))
   assert _progress_steps(multi_out0) == list(range(1, STEPS + 1))
@@ -143,6 +182,11 @@ def test_two_processes_match_one(tmp_path):
                                err_msg=tag)
   assert got["loss"][STEPS] < got["loss"][1] - 0.1  # it trained: the comparison is not vacuous.
 
+  # Uneven eval shards: every example counted once, no step missing on the shorter shard.
+  assert got["eval/examples"] == expected["eval/examples"] == {STEPS: 9.0}
+  for tag in ("eval/loss", "eval/accuracy"):
+    np.testing.assert_allclose(got[tag][STEPS], expected[tag][STEPS], rtol=1e-5, err_msg=tag)
+
   # Both processes wrote their shards and their iterator position into the same step directory.
   step_dir = os.path.join(multi, "checkpoints", str(STEPS))
   for pid in range(2):
@@ -153,8 +197,8 @@ def test_two_processes_match_one(tmp_path):
   # One process, another mesh (data 2 x fsdp 2 x model 2): the 2-process checkpoint restores to the
   # parameters the 1-process run reached.
   trainer = Trainer(_model_config(), Partitioner(mesh_shape=(2, 2, 2)), STEPS)
-  (state, position), (reference, _) = _restore(multi, trainer), _restore(single, trainer)
-  assert int(state.step) == STEPS and position == STEPS
+  state, reference = _restore(multi, trainer), _restore(single, trainer)
+  assert int(state.step) == STEPS
   # Really resharded: the runs' fsdp and model axes were 1 wide; here the table is split 2 x 2.
   assert state.params["token_embed"]["embedding"].sharding.spec == P("model", "fsdp")
   got_params, expected_params = jax.device_get(state.params), jax.device_get(reference.params)
@@ -164,6 +208,19 @@ def test_two_processes_match_one(tmp_path):
   initial = jax.device_get(trainer.init_state().params)
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(got_params),
                                                      jax.tree.leaves(initial)))
+
+
+def test_eval_shards_are_uneven_and_keep_every_example_at_its_global_row():
+  kw = dict(image_text_batch=8, text_batch=8, num_examples=9)
+  single = list(SyntheticIterator(**kw))
+  hosts = [list(SyntheticIterator(**kw, shard_index=i, num_shards=2)) for i in range(2)]
+  assert len(single) == 2 and [len(h) for h in hosts] == [2, 1]
+  tokens = lambda batch: batch["image_text"]["text_tokens"]  # noqa: E731
+  np.testing.assert_array_equal(np.concatenate([tokens(hosts[0][0]), tokens(hosts[1][0])]),
+                                tokens(single[0]))
+  np.testing.assert_array_equal(tokens(hosts[0][1])[:1], tokens(single[1])[:1])
+  assert tokens(single[1])[:1].any() and not tokens(hosts[0][1])[1:].any()  # padding rows
+  assert not tokens(single[1])[1:].any()
 
 
 # `simvlm_jax.distributed.resolve`: environment in, `jax.distributed.initialize` arguments out.
@@ -270,3 +327,42 @@ def test_initialize_calls_jax_once_with_the_resolved_arguments(monkeypatch):
   assert distributed.initialize(env=env) == expected
   assert distributed.initialize(env=env) is None  # already initialized: idempotent.
   assert calls == [expected]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
+  """The signal reaches one host only: both save the same step and exit 0, and the restarted pair
+  ends with the parameters of the uninterrupted 2-process run, bit for bit."""
+  _, reference, _ = runs
+  model_dir = str(tmp_path / "preempted")
+  procs = _start_pair(model_dir, f"127.0.0.1:{_free_port()}")
+  deadline = time.time() + TIMEOUT_S
+  while True:  # SIGTERM to process 1 once process 0 has logged step 2.
+    procs[0].log.seek(0)
+    if 2 in _progress_steps(procs[0].log.read()):
+      break
+    assert procs[0].poll() is None and time.time() < deadline, "the run did not reach step 2"
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  log0, log1 = _wait_pair(procs)
+  stops = [re.search(r"stopped by (.+) after step (\d+): saved checkpoint (\d+)", log)
+           for log in (log0, log1)]
+  assert stops[0] is not None and stops[1] is None, log0  # process 0 alone prints
+  assert stops[0].group(1) == "a preemption notice"  # process 0 never got the signal itself
+  step = int(stops[0].group(2))
+  assert 2 <= step < STEPS and int(stops[0].group(3)) == step
+  assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [str(step)]
+  for pid in range(2):
+    with open(os.path.join(model_dir, "checkpoints", str(step), "data", f"process_{pid}.json")) as f:
+      assert json.load(f) == {"position": step}
+
+  log0, _ = _wait_pair(_start_pair(model_dir, f"127.0.0.1:{_free_port()}"))
+  assert f"resumed from checkpoint {step}" in log0
+  assert _progress_steps(log0) == list(range(step + 1, STEPS + 1))
+  trainer = Trainer(_model_config(), Partitioner(mesh_shape=(-1, 1, 1)), STEPS)
+  got, expected = _restore(model_dir, trainer), _restore(reference, trainer)
+  assert int(got.step) == STEPS
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params),
+               jax.device_get(expected.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.opt_state),
+               jax.device_get(expected.opt_state))

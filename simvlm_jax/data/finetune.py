@@ -94,8 +94,10 @@ def _pad(tokens: tf.Tensor, length: int) -> tf.Tensor:
 class FinetuneIterator(DataIterator):
   """A DataIterator over finetuning batches (see the module docstring), padding eval batches."""
 
-  def __init__(self, dataset: tf.data.Dataset, key: str, batch_size: int, train: bool):
-    super().__init__(dataset, {key: DROPS})
+  def __init__(self, dataset: tf.data.Dataset, key: str, batch_size: int, train: bool,
+               vocabulary: Optional[seqio.Vocabulary] = None,
+               answers: Optional[Sequence[str]] = None):
+    super().__init__(dataset, {key: DROPS}, vocabulary=vocabulary, answers=answers)
     self._key, self._batch_size, self._train = key, batch_size, train
 
   def __next__(self) -> dict:
@@ -165,16 +167,18 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
                        "premise": inputs_length},
       split=split, shuffle=train, seed=seed, shard_info=shard,
       num_epochs=None if train else 1, try_in_mem_cache=False)
+  answers = None
   if classifier_classes:
     if "answer_ids" not in examples.element_spec:
       raise UserError(f"classifier_classes > 0 needs VQA answer_ids; {task.name!r} has none")
     try:
-      answers = len(answer_vocab(task_name))
-      if answers > classifier_classes:
-        logging.warning("%s has %d answer classes; only the first %d are trained", task.name,
-                        answers, classifier_classes)
-    except FileNotFoundError:
-      pass
+      answers = answer_vocab(task_name)
+    except UserError:
+      answers = None  # a task without the file: the run cannot name its classes
+    if answers and len(answers) > classifier_classes:
+      logging.warning("%s has %d answer classes; only the first %d are trained", task.name,
+                      len(answers), classifier_classes)
+      answers = answers[:classifier_classes]
   skip = set(TOKEN_FEATURES) | set(images) | {"answer_ids", "answer_scores"}
   meta_keys = [] if train else [k for k in examples.element_spec if k not in skip]
   row_seed = seed * 1_000_003 + shard.index
@@ -237,5 +241,6 @@ def make_finetune_iterator(task_name: str = gin.REQUIRED, *, batch_size: int = g
   batches = rows_ds.padded_batch(rows, drop_remainder=train).map(to_batch)
   options = tf.data.Options()
   options.deterministic = True
-  return FinetuneIterator(batches.prefetch(2).with_options(options), key, rows, train)
+  return FinetuneIterator(batches.prefetch(2).with_options(options), key, rows, train,
+                          vocabulary=task.output_features["inputs"].vocabulary, answers=answers)
 

@@ -10,10 +10,11 @@ finalizes, and an iterator destroyed after that would wait for it forever.
 """
 import atexit
 import weakref
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import seqio
 import tensorflow as tf
 
 from simvlm_jax.data.feature_converter import DROP_COUNTS
@@ -26,9 +27,14 @@ class DataIterator(Iterator[dict]):
   Args:
     dataset: a stream of batches whose sub-batches carry cumulative DROP_COUNTS.
     drop_names: per sub-batch key, the names of its DROP_COUNTS entries.
+    vocabulary: what the text was tokenized with (a run copies it into its directory).
+    answers: a VQA classifier's answers, class id = index.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, drop_names: Mapping[str, Sequence[str]]):
+  def __init__(self, dataset: tf.data.Dataset, drop_names: Mapping[str, Sequence[str]],
+               vocabulary: Optional[seqio.Vocabulary] = None,
+               answers: Optional[Sequence[str]] = None):
+    self.vocabulary, self.answers = vocabulary, answers
     self._dataset = dataset
     self._iterator = iter(dataset)
     self._drop_names = {k: tuple(v) for k, v in drop_names.items()}

@@ -138,7 +138,7 @@ def _make_iterator(name: str, *, train: bool, split: str, seed: int,
   options.deterministic = True
   return DataIterator(batches.with_options(options),
                       {"image_text": feature_converter.IMAGE_TEXT_DROPS,
-                       "text": feature_converter.TEXT_DROPS})
+                       "text": feature_converter.TEXT_DROPS}, vocabulary=vocabulary(name))
 
 
 def _shard_info(shard_index: Optional[int], num_shards: Optional[int]) -> seqio.ShardInfo:

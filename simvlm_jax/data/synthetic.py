@@ -36,9 +36,11 @@ class SyntheticIterator:
   `[shard_index * B / num_shards, ...)` of each sub-batch, so any number of processes together see
   the same global batch.
 
-  `num_examples=N` makes one finite pass instead, as an eval split read by several hosts: the N
-  examples are dealt to the shards as `ds.shard` does (example i to shard i % num_shards), so
-  shards differ in size, and each host's last batch is padded with all-zero rows.
+  `num_examples=N` makes one finite pass instead, as an eval split read by several hosts: global
+  batch t holds examples [t * B, (t + 1) * B), each host its contiguous block of B / num_shards
+  rows, so every example sits at the same global row on any number of hosts (the PrefixLM split of
+  a row depends on its row index) while the hosts' shards differ in size (9 examples, 2 hosts,
+  B = 8: 5 and 4, and host 1 has no second batch). A host's last batch is padded with zero rows.
   """
 
   def __init__(self, image_text_batch: int = 8, image_text_length: int = 16, text_batch: int = 4,
@@ -68,9 +70,9 @@ class SyntheticIterator:
 
   def _next_finite(self) -> dict:
     """The next batch of this shard's examples (each the image-text row of its own draw)."""
-    mine = np.arange(self.shard_index, self.num_examples, self.num_shards)
     rows = self.kwargs["image_text_batch"] // self.num_shards
-    ids = mine[self.position * rows:(self.position + 1) * rows]
+    first = self.position * self.kwargs["image_text_batch"] + self.shard_index * rows
+    ids = np.arange(first, min(first + rows, self.num_examples))
     if not len(ids):
       raise StopIteration
     self.position += 1

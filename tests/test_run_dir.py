@@ -1,0 +1,119 @@
+"""`simvlm_jax.run_dir`: the vocabulary travels with the run, and one function opens a run."""
+import json
+import os
+import shutil
+
+import gin
+import jax
+import numpy as np
+import pytest
+import seqio
+
+from simvlm_jax import checkpoints, run_dir
+from simvlm_jax.data import vocab
+from simvlm_jax.errors import UserError
+from simvlm_jax.partitioning import Partitioner
+from simvlm_jax.trainer import Trainer
+
+SENTENCES = [f"a {size} {colour} {shape} is left of a {shape}" for size in ("small", "large")
+             for colour in ("red", "green", "blue") for shape in ("circle", "square", "triangle")]
+
+
+@pytest.fixture(scope="module")
+def spm_models(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("spm"))
+  first = vocab.train_sentencepiece(SENTENCES, 300, "a", directory=directory)
+  second = vocab.train_sentencepiece(SENTENCES[::-1] + ["another corpus"], 300, "b",
+                                     directory=directory)
+  return first, second
+
+
+def _run(tmp_path, tiny_config, model_path, vocab_size=300):
+  """A finished run directory: config.gin (as train writes it), vocabulary, one checkpoint."""
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  config = tiny_config(vocab_size=vocab_size)
+  gin.clear_config()
+  gin.parse_config([f"ModelConfig.{k} = {v!r}" for k, v in vars(config).items()])
+  run_dir.write_vocabulary(str(model_dir), seqio.SentencePieceVocabulary(model_path))
+  (model_dir / "config.gin").write_text(run_dir.config_text(str(model_dir)))
+  gin.clear_config()
+  trainer = Trainer(config, Partitioner((1, 1, 1), devices=jax.devices()[:1]), total_steps=1)
+  state = trainer.init_state()
+  ckpt = checkpoints.Checkpointer(str(model_dir / "checkpoints"))
+  ckpt.save(state, force=True, step=7)
+  ckpt.close()
+  return model_dir, jax.device_get(state.params)
+
+
+def test_a_run_carries_its_vocabulary_and_opens_anywhere(spm_models, tmp_path, tiny_config,
+                                                          monkeypatch):
+  original = tmp_path / "my.model"
+  shutil.copy(spm_models[0], original)
+  model_dir, params = _run(tmp_path, tiny_config, str(original), vocab_size=320)
+  assert (model_dir / "vocabulary.model").read_bytes() == original.read_bytes()
+  assert json.loads((model_dir / "vocabulary.json").read_text()) == {
+      "extra_ids": 0, "size": 300, "source": str(original)}
+  assert (f"sentencepiece_vocabulary.model_path = '{model_dir}/vocabulary.model'"
+          in (model_dir / "config.gin").read_text())
+
+  # Moved elsewhere and opened by a relative path, through a step directory: the copy beside it
+  # is what is read, and the step is that directory's.
+  moved = tmp_path / "elsewhere"
+  os.rename(model_dir, moved)
+  original.unlink()  # the original is gone too
+  monkeypatch.chdir(tmp_path)
+  run = run_dir.open_run("elsewhere/checkpoints/7")
+  assert run.directory == moved and run.step == 7 and run.answers is None
+  assert gin.query_parameter("sentencepiece_vocabulary.model_path") == str(
+      moved / "vocabulary.model")
+  # 300 ids in a 320-row embedding (padded rows, as t5x): allowed; decoding skips the padding ids.
+  assert run.vocabulary.vocab_size == 300 and run.config.vocab_size == 320
+  ids = run.vocabulary.encode("a red circle")
+  assert run.decode(ids + [310, 1, 5]) == "a red circle"
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.params), params)
+  gin.clear_config()
+
+
+def test_vocabulary_mismatches_are_caught_before_training(spm_models, tmp_path, tiny_config):
+  vocabulary = seqio.SentencePieceVocabulary(spm_models[0])
+  run_dir.check_vocabulary(vocabulary, tiny_config(vocab_size=300))
+  with pytest.raises(UserError, match=r"^the vocabulary has 300 ids but the model embeds only "
+                     r"299 \(ModelConfig.vocab_size\): set VOCAB_SIZE to at least 300"):
+    run_dir.check_vocabulary(vocabulary, tiny_config(vocab_size=299))
+  model_dir, _ = _run(tmp_path, tiny_config, spm_models[0])
+  run_dir.write_vocabulary(str(model_dir), vocabulary)  # a resumed run, same vocabulary: fine
+  with pytest.raises(UserError, match="a run cannot change its vocabulary"):
+    run_dir.write_vocabulary(str(model_dir), seqio.SentencePieceVocabulary(spm_models[1]))
+  # Finetuning from the run with data tokenized another way.
+  with pytest.raises(UserError, match="was trained with another vocabulary"):
+    run_dir.check_same_vocabulary(str(model_dir), seqio.SentencePieceVocabulary(spm_models[1]))
+  run_dir.check_same_vocabulary(str(model_dir), vocabulary)
+
+
+def test_finetuning_inherits_the_vocabulary_unless_one_is_bound(spm_models, tmp_path,
+                                                                 tiny_config):
+  model_dir, _ = _run(tmp_path, tiny_config, spm_models[0])
+  gin.clear_config()
+  assert run_dir.inherit_vocabulary(str(model_dir / "checkpoints" / "7")) == str(
+      model_dir / "vocabulary.model")
+  assert vocab.sentencepiece_vocabulary() == (str(model_dir / "vocabulary.model"), 0)
+  gin.clear_config()
+  gin.bind_parameter("sentencepiece_vocabulary.model_path", spm_models[1])
+  assert run_dir.inherit_vocabulary(str(model_dir)) is None
+  assert vocab.sentencepiece_vocabulary() == (spm_models[1], 0)
+  gin.clear_config()
+  assert run_dir.inherit_vocabulary(str(tmp_path / "not_a_run")) is None
+
+
+def test_a_run_without_vocabulary_cannot_decode(tmp_path, tiny_config):
+  model_dir = tmp_path / "synthetic"
+  model_dir.mkdir()
+  (model_dir / "config.gin").write_text("ModelConfig.vocab_size = 64\n")
+  with pytest.raises(UserError, match="holds no vocabulary.model: it was trained on synthetic"):
+    run_dir.open_run(str(model_dir), restore=False)
+  run = run_dir.open_run(str(model_dir), restore=False, need_vocabulary=False)
+  assert run.vocabulary is None and run.config.vocab_size == 64
+  with pytest.raises(UserError, match="no checkpoint in"):
+    run.restore()
+  gin.clear_config()
