@@ -28,5 +28,9 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["simvlm_jax", "simvlm_jax.*", "tasks", "tasks.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==8.3.4", "pytest-xdist==3.6.1"]},
+    extras_require={
+        "test": ["pytest==8.3.4", "pytest-xdist==3.6.1"],
+        # Orbax asks a gs:// bucket's layout (hierarchical namespace) through this client.
+        "gcs": ["google-cloud-storage==3.17.1"],
+    },
 )

@@ -71,7 +71,7 @@ def setup_commands(args: argparse.Namespace) -> List[List[str]]:
       f"{python} -m venv .venv",
       ".venv/bin/pip install -q -U pip",
       # The TPU build of the jax that setup.py pins (libtpu comes with the extra).
-      f".venv/bin/pip install -q -e . {shlex.quote(f'jax[tpu]=={jax_version}')}",
+      f".venv/bin/pip install -q -e '.[gcs]' {shlex.quote(f'jax[tpu]=={jax_version}')}",
   ])
   return [
       ["tar", "-czf", args.archive, "--exclude=.git", "--exclude=.venv", "--exclude=__pycache__",

@@ -34,12 +34,14 @@ _BANNER = b"WARNING: All log messages before absl::InitializeLog() is called are
 # libjpeg's own complaints about a damaged file (the pipeline drops and counts that image).
 _LIBJPEG = re.compile(rb"^(Improper call to JPEG library in state \d+|Corrupt JPEG data: |"
                       rb"Premature end of JPEG file)")
+# pycocoevalcap's Java tokenizer reports its speed on stderr at every caption scoring.
+_PTB_TOKENIZER = re.compile(rb"^PTBTokenizer tokenized \d+ tokens at ")
 
 
 def is_library_noise(line: bytes) -> bool:
   """Whether a stderr line is library logging that the quiet console drops (a dropped log
   message's indented continuation lines are dropped with it, see `quiet_native`)."""
-  if line.startswith(_BANNER) or _LIBJPEG.match(line):
+  if line.startswith(_BANNER) or _LIBJPEG.match(line) or _PTB_TOKENIZER.match(line):
     return True
   match = _NATIVE_LINE.match(line)
   if not match:

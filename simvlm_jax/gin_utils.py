@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 import gin
 from absl import flags, logging
+from etils import epath
 
 from simvlm_jax import console
 from simvlm_jax.errors import UserError
@@ -26,6 +27,19 @@ def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
       arg = f"--gin_bindings={key} = {value}"
     out.append(arg)
   return out
+
+
+def _open_uri(path: str):
+  return epath.Path(path).open()
+
+
+def _is_readable_uri(path: str) -> bool:
+  return "://" in path and epath.Path(path).is_file()
+
+
+# gin opens files with `open`; a run's config.gin on gs:// (eval, predict, init_from) or a
+# `--gin_file=gs://...` goes through epath instead.
+gin.config.register_file_reader(_open_uri, _is_readable_uri)
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],

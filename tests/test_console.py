@@ -19,6 +19,7 @@ from simvlm_jax import console
     (b"I1203 18:07:21.672470 139644222651264 xla_bridge.py:849] Unable to initialize backend\n",
      True),
     (b"Improper call to JPEG library in state 201\n", True),
+    (b"PTBTokenizer tokenized 665 tokens at 4277.44 tokens per second.\n", True),
     (b"error: cannot read image photos/broken.png: Invalid PNG data, size 60\n", False),
     (b"Traceback (most recent call last):\n", False),
     (b"  File \"x.py\", line 1, in <module>\n", False),

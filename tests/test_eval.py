@@ -2,6 +2,7 @@
 pretrain a tiny model, finetune it with init_from, evaluate with the official metrics."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -185,11 +186,50 @@ def test_pretrain_finetune_evaluate(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.splitlines() == [f"error: {message}"]
 
-  # Zero-shot captioning of the pretraining checkpoint, same command, beam search.
-  _run(tmp_path, "simvlm_jax.eval", "--gin_file=gin/eval.gin",
-       f"--gin.evaluate.model_dir='{pretrain}'", "--gin.evaluate.task='shapes_coco_captions'",
-       "--gin.evaluate.max_decode_length=8", "--gin.evaluate.beam_size=2")
-  captions = json.loads((pretrain / "eval_shapes_coco_captions_validation" /
-                         "scores.json").read_text())["2"]
+  # Generative VQA and SNLI-VE runs: predict answers the question / judges the hypothesis about
+  # the premise image, and refuses without one.
+  for task, gin_file, prompt in (("shapes_vqa_v2", "finetune/vqa.gin", "what colour is the circle?"),
+                                 ("shapes_snli_ve", "finetune/snli_ve.gin", "there is a circle")):
+    run = tmp_path / task
+    _run(tmp_path, "simvlm_jax.train", "--gin_file=models/simvlm_tiny.gin", f"--gin_file={gin_file}",
+         "--gin_file=runs/demo_finetune.gin", f"--gin.TASK='{task}'",
+         f"--gin.PRETRAINED_DIR='{pretrain}'", f"--gin.train.model_dir='{run}'",
+         "--gin.train.total_steps=1", "--gin.BATCH_SIZE=2")
+    predicted = json.loads(_run(tmp_path, "simvlm_jax.predict", f"--checkpoint_dir={run}",
+                                f"--image={photos}/left.png", f"--prompt={prompt}",
+                                "--format=json", "--max_decode_length=3"))
+    assert predicted["prompt"] == prompt and isinstance(predicted["prediction"], str)
+    assert predicted["score"] < 0.0  # a sequence log-probability: a generative run
+    refused = subprocess.run([sys.executable, "-m", "simvlm_jax.predict", f"--checkpoint_dir={run}",
+                              f"--image={photos}/left.png"], cwd=REPO, env=_env(tmp_path),
+                             capture_output=True, text=True, timeout=300)
+    role = "the question" if task == "shapes_vqa_v2" else "the hypothesis"
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        f"error: this is a {task[len('shapes_'):]} run: give {role}")
+
+  # Zero-shot captioning of the pretraining checkpoint, same command, beam search, with the run on
+  # a gs:// bucket (served from a local folder by tests/fake_gcs.py: no network): eval and
+  # predict read the run and write their results through epath alone.
+  bucket = tmp_path / "bucket"
+  shutil.copytree(pretrain, bucket / "b" / "pretrain")
+  fake_gcs = [os.path.join(REPO, "tests", "fake_gcs.py"), str(bucket)]
+  out = subprocess.run(
+      [sys.executable, *fake_gcs, "simvlm_jax.eval", "--gin_file=gin/eval.gin",
+       "--gin.evaluate.model_dir='gs://b/pretrain'", "--gin.evaluate.task='shapes_coco_captions'",
+       "--gin.evaluate.max_decode_length=8", "--gin.evaluate.beam_size=2"],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]
+  assert out.stdout.strip().endswith("-> gs://b/pretrain/eval_shapes_coco_captions_validation")
+  out_dir = bucket / "b" / "pretrain" / "eval_shapes_coco_captions_validation"
+  captions = json.loads((out_dir / "scores.json").read_text())["2"]
   assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(captions)
   assert captions["examples"] == 12 and captions["method"] == "beam"
+  assert (out_dir / "report_2.html").exists()
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))
+  out = subprocess.run(
+      [sys.executable, *fake_gcs, "simvlm_jax.predict", "--checkpoint_dir=gs://b/pretrain",
+       f"--image={photos}/left.png", "--max_decode_length=4", "--format=json"],
+      cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]
+  assert json.loads(out.stdout)["prompt"] == "a picture of"
+  assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local "gs:" folder

@@ -69,7 +69,7 @@ def test_tpu_setup_installs_on_every_worker(capsys):
   install = ("sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv && "
              "mkdir -p simvlm_jax && tar -xzf simvlm_jax_src.tar.gz -C simvlm_jax && "
              "cd simvlm_jax && python3.11 -m venv .venv && .venv/bin/pip install -q -U pip && "
-             f".venv/bin/pip install -q -e . 'jax[tpu]=={jax.__version__}'")
+             f".venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]=={jax.__version__}'")
   assert out.splitlines() == [
       "tar -czf /tmp/a.tgz --exclude=.git --exclude=.venv --exclude=__pycache__ "
       f"'--exclude=*.egg-info' -C {REPO} .",
