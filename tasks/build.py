@@ -35,7 +35,6 @@ import time
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
 from simvlm_jax import console
 from simvlm_jax.data import paths, vocab
@@ -127,7 +126,6 @@ def main(argv=None) -> None:
     if args.vocab_size <= _MIN_VOCAB_SIZE:
       parser.error(f"--vocab_size must be > {_MIN_VOCAB_SIZE} (3 special + 256 byte pieces)")
 
-  logging.set_verbosity(logging.WARNING)
   tfds.disable_progress_bar()
   data_dir = args.data_dir or paths.tfds_data_dir()
   if args.command == "shapes":

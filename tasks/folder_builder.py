@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import tensorflow_datasets as tfds
 from absl import logging
 
-from tasks import tfds_compat  # noqa: F401
+from tasks import tfds_compat
 
 _URL_TIMEOUT_S = 30
 
@@ -51,7 +51,7 @@ def _read_image(reference: str, folder: str) -> Optional[bytes]:
     return None
 
 
-class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
+class ImageTextFolder(tfds_compat.QuietPrepare, tfds.core.GeneratorBasedBuilder):
   """Image-caption pairs from a local folder of JSONL / TSV (CC3M-style) files."""
   VERSION = tfds.core.Version("1.0.0")
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tasks import shapes_world
-from tasks import tfds_compat  # noqa: F401
+from tasks import tfds_compat
 
 _RESOLUTIONS = range(16, 225, 8)  # every multiple of 8 up to 224
 
@@ -44,7 +44,7 @@ def _parallel_map(fn: Callable[[int], dict], count: int, num_workers: int) -> It
     yield from pool.imap(fn, range(count), chunksize=64)
 
 
-class _ShapesBuilder(tfds.core.GeneratorBasedBuilder):
+class _ShapesBuilder(tfds_compat.QuietPrepare, tfds.core.GeneratorBasedBuilder):
   """Build arguments shared by both shapes builders."""
   DEFAULT_SPLIT_SIZES: Mapping[str, int] = {}
 

@@ -4,9 +4,9 @@ import os
 
 # Before jax is imported anywhere: the sharding tests need 8 (CPU) devices.
 # LLVM optimisation level 0: the tests compile far more than they run (about a fifth less time).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+                           f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
 # Most of the suite's time is XLA compiling the same tiny models again and again, in this process,
 # the other xdist worker and the train/eval/predict subprocesses (which inherit these variables):
 # one persistent compilation cache serves them all (entries are keyed by program, devices and jax
@@ -17,6 +17,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
+
+
+def command_xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a command a test runs as a user would: `devices` CPU devices (not the suite's
+  8), compiled as fast as the suite compiles."""
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
 
 from simvlm_jax.models.config import ModelConfig  # noqa: E402
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from simvlm_jax import eval as eval_lib
 from simvlm_jax.metrics import vqa as vqa_metrics
+from conftest import command_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ def test_numeric_flattening():
 
 def _env(tmp):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = command_xla_flags()
   env["SIMVLM_DATA_DIR"] = str(tmp / "tfds")
   env["SIMVLM_CACHE_DIR"] = str(tmp / "cache")
   return env

@@ -9,13 +9,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import command_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(module, *args):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = command_xla_flags()
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 

@@ -31,6 +31,7 @@ from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
+from conftest import command_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -60,7 +61,7 @@ def _env(devices, **extra):
   # No launcher variables from the surrounding shell (e.g. a SLURM allocation running pytest).
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "SIMVLM_", "TPU_WORKER_", "JAX_COORDINATOR"))}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"  # not the parent's 8.
+  env["XLA_FLAGS"] = command_xla_flags(devices)  # not the parent's 8
   env.update(extra)
   return env
 

@@ -9,13 +9,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import command_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
 
 def _run(cwd, *args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=command_xla_flags())
   env["SIMVLM_CACHE_DIR"] = str(cwd / "cache")
   out = subprocess.run([PY, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=600)

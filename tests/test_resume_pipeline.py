@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import command_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 14, 2
@@ -35,7 +36,7 @@ def _command(model_dir, every=EVERY):
 def env(tmp_path_factory):
   """A small shapes world and its vocabulary, private to this module."""
   tmp = tmp_path_factory.mktemp("shapes")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user run
+  env = dict(os.environ, XLA_FLAGS=command_xla_flags())  # one device, as a user run
   env.update(SIMVLM_DATA_DIR=str(tmp / "tfds"), SIMVLM_CACHE_DIR=str(tmp / "cache"))
   subprocess.run([sys.executable, "-m", "tasks.build", "shapes", "--train=96", "--validation=8",
                   "--compositional=8", "--text_train=64", "--text_validation=8", "--workers=0"],

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from tasks import tfds_compat  # noqa: F401
+from tasks import tfds_compat
 
 SOURCE_DIR_ENV = "SIMVLM_DOWNSTREAM_DIR"
 
@@ -80,7 +80,7 @@ class SkipCounter:
                       self.count)
 
 
-class RawFilesBuilder(tfds.core.GeneratorBasedBuilder):
+class RawFilesBuilder(tfds_compat.QuietPrepare, tfds.core.GeneratorBasedBuilder):
   """A reader of an official release in a local folder (no downloads).
 
   Subclasses set SOURCE_SUBDIR (their folder under the source root) and EXPECTED (what it holds:
