@@ -7,9 +7,10 @@ with the libraries' logging off:
   INFO and WARNING lines, the "before absl::InitializeLog()" banner, and the cuInit / CUDA error a
   machine without a GPU prints when TensorFlow probes for one. Every other line (our `error:`
   lines, tracebacks, a library's real errors) passes, in order.
-- Python (absl, Orbax, TensorFlow, JAX): loggers at ERROR. `--library_logs` on the command line, or SIMVLM_LIBRARY_LOGS=1,
-keeps all of it (absl's `--verbosity` then applies as usual). The project's own lines are printed,
-not logged, so they are never hidden. Errors from the libraries still surface: as exceptions, which
+- Python (absl, Orbax, TensorFlow, JAX): one root handler that shows the project's own warnings
+  (`warning: ...`) and anyone's errors, and drops the libraries' INFO and WARNING records.
+`--library_logs` on the command line, or SIMVLM_LIBRARY_LOGS=1, keeps all of it (absl's
+`--verbosity` then applies as usual). Errors from the libraries still surface: as exceptions, which
 the commands turn into one `error:` line (`--traceback` for the whole story).
 """
 import atexit
@@ -85,11 +86,37 @@ def quiet_native() -> None:
     thread.join(timeout=5)
 
 
+_PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
+                      + os.sep for d in ("simvlm_jax", "tasks"))
+
+
+def is_shown(record: logging.LogRecord) -> bool:
+  """Whether the quiet console shows a Python log record: the project's own warnings (a skipped
+  file, a missing split) and anyone's errors."""
+  return record.levelno >= logging.ERROR or (record.levelno >= logging.WARNING and
+                                             record.pathname.startswith(_PROJECT_DIRS))
+
+
+class _Formatter(logging.Formatter):
+  """"warning: ..." / "error: ...", like the commands' own lines (and unlike absl's
+  "W1203 12:00:00.0 ... file.py:50]" prefix, which the stderr filter takes for library logging)."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    return f"{record.levelname.lower()}: {super().format(record)}"
+
+
 def quiet_python() -> None:
-  """After the command line is parsed (absl sets the verbosity from `--verbosity` then)."""
+  """After the command line is parsed (absl sets the verbosity from `--verbosity` then): one
+  handler on the root logger that shows only `is_shown` records."""
   if library_logs_wanted():
     return
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  for name in ("", "absl", "tensorflow", "jax", "orbax", "etils"):
-    logging.getLogger(name).setLevel(logging.ERROR)
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  root = logging.getLogger()
+  for handler in list(root.handlers):  # absl's, or one a library's basicConfig added
+    root.removeHandler(handler)
+  handler = logging.StreamHandler(sys.stderr)
+  handler.addFilter(is_shown)
+  handler.setFormatter(_Formatter("%(message)s"))
+  root.addHandler(handler)
+  root.setLevel(logging.WARNING)

@@ -337,6 +337,7 @@ def test_cider_d_matches_an_independent_implementation():
 
 
 def test_spice_absence_is_logged(caplog):
+  captions._warn_spice_unavailable.cache_clear()  # pylint: disable=protected-access
   with caplog.at_level(logging.WARNING):
     scores, _ = captions.coco_caption_scores({0: "a dog"}, {0: ["a dog"]}, metrics=("Bleu",))
   assert scores["SPICE"] is None

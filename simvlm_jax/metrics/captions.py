@@ -13,6 +13,7 @@ Java is required (the PTB tokenizer and METEOR are jars that ship inside the pyc
 missing `java` raises a RuntimeError that names it.
 """
 import contextlib
+import functools
 import shutil
 import threading
 from typing import Any, Hashable, Mapping, Sequence
@@ -161,8 +162,13 @@ def coco_caption_scores(predictions: Mapping[Hashable, str],
   corpus, per_image = score_tokenized({k: tokenized[("ref", k)] for k in ids},
                                       {k: tokenized[("pred", k)] for k in ids},
                                       metrics, meteor_timeout_s)
-  logging.warning(SPICE_UNAVAILABLE)
+  _warn_spice_unavailable()
   return {**corpus, "SPICE": None, "SPICE_unavailable": SPICE_UNAVAILABLE}, per_image
+
+
+@functools.cache
+def _warn_spice_unavailable() -> None:
+  logging.warning(SPICE_UNAVAILABLE)  # once per process; the scores say it too
 
 
 def coco_caption_metrics(predictions: Mapping[Hashable, str],
