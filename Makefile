@@ -14,13 +14,14 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# Everything, the slow end-to-end cases included (what CI runs).
+# Everything, the slow end-to-end cases included (what CI runs). --dist loadscope keeps a module on
+# one worker, so its module-scoped fixtures (a trained demo run, a two-process run) are built once.
 test: $(STAMP)
-	$(PY) -m pytest tests -q -n 2 --durations=15
+	$(PY) -m pytest tests -q -n 2 --dist loadscope --durations=15
 
 # Unit tests only.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -q -n 2 -m "not slow"
+	$(PY) -m pytest tests -q -n 2 --dist loadscope -m "not slow"
 
 param-count: $(STAMP)
 	$(PY) -m simvlm_jax.models.param_count

@@ -72,12 +72,27 @@ def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> None:
   size = predictor.config.image_size
   images = np.stack([image_ops.crop_and_resize(image_ops.decode_rgb(ex["image"]),
                                                (size, size)).numpy() for ex in examples])
+  from tasks import shapes_caption_check, shapes_world
+  names = {"colour": list(shapes_world.COLOURS), "shape": list(shapes_world.SHAPES),
+           "size": list(shapes_world.SIZES)}  # the ClassLabel names, in order
   results = predictor.generate(images, [PROMPT] * len(examples))
+  captions, scenes = [], []
   for i, (ex, result) in enumerate(zip(examples, results)):
     print(f"\nheld-out image {i}:")
     for ref in ex["captions"].numpy():
       print(f"  reference : {ref.decode()}")
-    print(f"  model     : {PROMPT} {result['prediction']}")
+    caption = f"{PROMPT} {result['prediction']}"
+    scene = {k: [names[k][i] for i in ex["objects"][k].numpy()] for k in names}
+    checked = shapes_caption_check.score(caption, scene)
+    print(f"  model     : {caption}")
+    print(f"  checked   : {checked.true_claims}/{checked.claims} claims true, "
+          f"{checked.named_objects}/{checked.objects} objects named")
+    captions.append(caption)
+    scenes.append(scene)
+  total = shapes_caption_check.corpus_score(captions, scenes)
+  print(f"\ncaption correctness on {total['captions']} held-out images: {total['precision']:.0f}% "
+        f"of the colours, shapes, sizes and counts stated are true; {total['recall']:.0f}% of the "
+        "objects are named")
 
 
 # (benchmark, recipe, task, metric shown)

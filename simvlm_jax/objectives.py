@@ -10,10 +10,13 @@ Every function maps `tokens: int32 [batch, length]` (EOS-terminated, 0-padded) t
 The random draws are pure functions of (seed, step, example index): `row_keys` builds them.
 """
 import functools
+from typing import Any, Callable, Optional
 
 import gin
 import jax
 import jax.numpy as jnp
+
+from simvlm_jax.errors import UserError
 
 Array = jax.Array
 
@@ -80,17 +83,20 @@ def plain_lm(tokens: Array, keys: Array, with_image: bool) -> dict:
 
 
 def random_spans_noise_mask(key: Array, length: Array, max_length: int, noise_density: float,
-                            mean_span_length: float) -> Array:
+                            mean_span_length: float, max_spans: Optional[int] = None) -> Array:
   """T5's span noise mask for one row of `length` real tokens, `[max_length]` bool.
 
-  The number of noise tokens and spans follow T5 (round(length * density), >= 1 each); the span
-  lengths are a random composition drawn by choosing span boundaries without replacement.
+  The number of noise tokens and spans follow T5 (round(length * density), >= 1 each, at most
+  `max_spans`: one sentinel id per span); the span lengths are a random composition drawn by
+  choosing span boundaries without replacement.
   """
   lengthf = length.astype(jnp.float32)
   num_noise = jnp.clip(jnp.round(lengthf * noise_density).astype(jnp.int32), 1, length - 1)
   num_spans = jnp.maximum(jnp.round(num_noise / mean_span_length).astype(jnp.int32), 1)
   num_nonnoise = length - num_noise
   num_spans = jnp.minimum(num_spans, jnp.minimum(num_noise, num_nonnoise))
+  if max_spans is not None:
+    num_spans = jnp.minimum(num_spans, max_spans)
   k1, k2 = jax.random.split(key)
 
   def composition(k, total):
@@ -129,24 +135,29 @@ def _replace_spans(tokens: Array, spans: Array, sentinel_base: int) -> Array:
 
 
 @gin.configurable
-def span_corruption(tokens: Array, keys: Array, with_image: bool, vocab_size: int = gin.REQUIRED,
-                    noise_density: float = 0.15, mean_span_length: float = 3.0) -> dict:
+def span_corruption(tokens: Array, keys: Array, with_image: bool, first_sentinel: int,
+                    num_sentinels: int, noise_density: float = 0.15,
+                    mean_span_length: float = 3.0) -> dict:
   """Ablation: T5 span corruption of the text; the image (if any) stays whole in the encoder.
 
-  Sentinels are the top vocabulary ids (vocab_size - 1, vocab_size - 2, ...), as in T5.
+  The sentinels are the vocabulary's extra ids, as in T5: <extra_id_0> = `first_sentinel` (the
+  vocabulary's size - 1), then downwards; `for_vocabulary` binds both from the run's vocabulary.
+  At most `num_sentinels` spans per row. Decoder positions start at 0: the target is a sequence
+  of its own (sentinel, span, sentinel, ...), not a continuation of the encoder's text.
   """
   del with_image
   length = tokens.shape[1]
   n = num_tokens(tokens)
   body = jnp.where(jnp.arange(length)[None] < (n - 1)[:, None], tokens, 0)  # without EOS.
   mask_fn = functools.partial(random_spans_noise_mask, max_length=length,
-                              noise_density=noise_density, mean_span_length=mean_span_length)
+                              noise_density=noise_density, mean_span_length=mean_span_length,
+                              max_spans=num_sentinels)
   noise = jax.vmap(mask_fn)(keys, jnp.maximum(n - 1, 2))
   noise &= body > 0
 
   def corrupt(row, spans):
-    inputs = _replace_spans(row, spans, vocab_size - 1)
-    targets = _replace_spans(row, ~spans & (row > 0), vocab_size - 1)
+    inputs = _replace_spans(row, spans, first_sentinel)
+    targets = _replace_spans(row, ~spans & (row > 0), first_sentinel)
     return inputs, targets
 
   inputs, targets = jax.vmap(corrupt)(body, noise)
@@ -157,3 +168,17 @@ def span_corruption(tokens: Array, keys: Array, with_image: bool, vocab_size: in
   return dict(prefix_tokens=inputs, decoder_input_tokens=decoder_inputs,
               decoder_target_tokens=targets, decoder_positions=positions,
               loss_weights=(targets > 0).astype(jnp.float32))
+
+
+def for_vocabulary(objective: Callable, vocabulary: Any) -> Callable:
+  """`objective` with what it takes from the run's vocabulary (the data iterator's): span
+  corruption's sentinel ids. The others need nothing."""
+  if objective is not span_corruption:
+    return objective
+  extra_ids = getattr(vocabulary, "extra_ids", 0) if vocabulary is not None else 0
+  if not extra_ids:
+    raise UserError("span corruption needs sentinel ids, the vocabulary's extra ids, and this "
+                    "run's vocabulary has none: bind sentencepiece_vocabulary.extra_ids (T5: 100) "
+                    "and a VOCAB_SIZE that holds them (gin/ablations/span_corruption.gin)")
+  return functools.partial(span_corruption, first_sentinel=vocabulary.vocab_size - 1,
+                           num_sentinels=extra_ids)

@@ -216,12 +216,17 @@ def train(model_dir: str = gin.REQUIRED,
   with preemption.PreemptionWatcher() as watcher:
     # epath, not os: on a pod `model_dir` is shared storage (gs://...), which `open` cannot write.
     epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    if init_from:  # finetuning tokenizes with the pretrained run's vocabulary
+      run_dir.inherit_vocabulary(init_from)
+    data = train_iterator_fn(shard_index=jax.process_index(), num_shards=jax.process_count())
+    # The objective may need the vocabulary's ids (span corruption's sentinels).
+    objective = objectives.for_vocabulary(objective, getattr(data, "vocabulary", None))
     trainer = Trainer(model_config, partitioner, total_steps, objective=objective, seed=seed)
     ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
                                     save_every=checkpoint_every)
     try:
       return _train_loop(trainer, ckpt, watcher, log, model_dir=model_dir,
-                         total_steps=total_steps, train_iterator_fn=train_iterator_fn,
+                         total_steps=total_steps, data=data,
                          seed=seed, log_every=log_every, eval_iterator_fn=eval_iterator_fn,
                          eval_every=eval_every, eval_batches=eval_batches, init_from=init_from,
                          guard=NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite, ckpt,
@@ -234,15 +239,12 @@ def train(model_dir: str = gin.REQUIRED,
 
 def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
                 watcher: preemption.PreemptionWatcher, log: Callable[[str], None], *,
-                model_dir: str, total_steps: int, train_iterator_fn: Callable, seed: int,
+                model_dir: str, total_steps: int, data: Any, seed: int,
                 log_every: int, eval_iterator_fn: Optional[Callable], eval_every: int,
                 eval_batches: int, init_from: Optional[str], guard: NonFiniteGuard,
                 resume_data_position: bool, stop_after_step: Optional[int]) -> Any:
   partitioner = trainer.partitioner
   is_main = jax.process_index() == 0
-  if init_from:  # finetuning tokenizes with the pretrained run's vocabulary
-    run_dir.inherit_vocabulary(init_from)
-  data = train_iterator_fn(shard_index=jax.process_index(), num_shards=jax.process_count())
   _write_run_files(model_dir, data, trainer.config, init_from, is_main)
   state = _restore(ckpt, trainer, data, resume_data_position, log)
   if state is None and init_from:

@@ -1,18 +1,23 @@
 """SentencePiece vocabularies: T5 ids, round trips, deterministic cached training, gin override,
-and `python -m tasks.build vocab --from` on your own text."""
+`python -m tasks.build vocab --from` on your own text, and span corruption's sentinels."""
 import io
 import json
 import os
 import tarfile
 
 import gin
+import jax.numpy as jnp
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import seqio
 import sentencepiece as spm
 
 import tasks
+from simvlm_jax import objectives
 from simvlm_jax.data import vocab
+from simvlm_jax.errors import UserError
 from tasks import build, shapes_world
 
 SENTENCES = [f"a {size} {colour} {shape} to the left of a {shape2}"
@@ -168,3 +173,23 @@ def test_build_vocab_flags_need_from(capsys):
   with pytest.raises(SystemExit):
     build.main(["vocab", "--from", "x.txt", "--vocab_size", "259"])
   assert "--vocab_size must be > 259" in capsys.readouterr().err
+
+
+def test_span_corruption_sentinels_are_the_vocabularys_extra_ids(shapes_model):
+  vocabulary = seqio.SentencePieceVocabulary(shapes_model, extra_ids=100)
+  objective = objectives.for_vocabulary(objectives.span_corruption, vocabulary)
+  ids = vocabulary.encode("a small red circle to the left of a big blue square on a noisy "
+                          "background, two shapes in total") + [1]
+  tokens = jnp.asarray([ids + [0] * (48 - len(ids))] * 8)
+  out = objective(tokens, objectives.row_keys(0, 0, jnp.arange(8)), with_image=True)
+  for inputs, targets in zip(np.asarray(out["prefix_tokens"]),
+                             np.asarray(out["decoder_target_tokens"])):
+    sentinels = [int(t) for t in inputs if t >= tasks.SHAPES_VOCAB_SIZE]
+    assert sentinels and [vocabulary.decode([s]) for s in sentinels] == [
+        f"<extra_id_{i}>" for i in range(len(sentinels))]
+    assert int(targets[0]) == sentinels[0] == vocabulary.vocab_size - 1
+  # No extra ids, no sentinels: refused before training, not trained on real pieces.
+  with pytest.raises(UserError, match="span corruption needs sentinel ids"):
+    objectives.for_vocabulary(objectives.span_corruption,
+                              seqio.SentencePieceVocabulary(shapes_model))
+  assert objectives.for_vocabulary(objectives.prefix_lm, None) is objectives.prefix_lm

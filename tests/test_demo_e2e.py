@@ -2,6 +2,7 @@
 accuracy) with a few steps, then the predict command on its checkpoint, errors included."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,9 +44,14 @@ def _predict(tmp, *args, cwd=REPO):
 @pytest.mark.slow
 def test_demo_prints_captions_and_accuracies(demo):
   _, stdout = demo
-  assert stdout.count("held-out image") == 8
+  assert len(re.findall(r"^held-out image \d+:$", stdout, re.M)) == 8
   assert stdout.count("reference :") == 8 * 5
   assert stdout.count("model     : a picture of") == 8
+  # Each caption checked against its scene (tasks/shapes_caption_check.py), then pooled.
+  checked = re.findall(r"checked   : (\d+)/(\d+) claims true, (\d+)/(\d+) objects named", stdout)
+  assert len(checked) == 8 and all(int(t) <= int(c) and int(n) <= int(o) for t, c, n, o in checked)
+  assert re.search(r"caption correctness on 8 held-out images: \d+% of the colours, shapes, sizes "
+                   r"and counts stated are true; \d+% of the objects are named", stdout)
   rows = [line.split() for line in stdout.splitlines() if line.strip().startswith(("image-text",
                                                                                   "text only"))]
   assert len(rows) == 2

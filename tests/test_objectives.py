@@ -165,7 +165,8 @@ def test_span_corruption_structure_and_reconstruction():
   for i, n in enumerate(lengths):
     tokens[i, :n - 1] = rng.permutation(np.arange(2, 400))[:n - 1]  # distinct ids per row
     tokens[i, n - 1] = EOS
-  corrupt = jax.jit(lambda t, k: objectives.span_corruption(t, k, True, vocab_size=VOCAB))
+  corrupt = jax.jit(lambda t, k: objectives.span_corruption(t, k, True, first_sentinel=VOCAB - 1,
+                                                          num_sentinels=100))
   out = corrupt(jnp.asarray(tokens), objectives.row_keys(0, 0, jnp.arange(rows)))
   inputs = np.asarray(out["prefix_tokens"])
   targets = np.asarray(out["decoder_target_tokens"])
