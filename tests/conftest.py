@@ -49,10 +49,29 @@ def tiny_config():
   return make_tiny_config
 
 
-def pytest_collection_modifyitems(config, items):
-  """Modules with slow (end-to-end) tests first. `make test` sends each module whole to one worker
-  (--dist loadscope); starting the long ones first keeps both workers busy to the end instead of
-  leaving a six-minute module alone at the tail."""
-  del config
-  slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: the order within stays
+
+# The longest modules (minutes each, measured with --durations=0), longest first. `make test` sends
+# each module whole to one worker (--dist loadscope), and xdist would order them by test count,
+# leaving a one-test six-minute module alone at the tail; these start first instead.
+LONGEST_MODULES = ("tests/test_eval.py", "tests/test_multihost.py", "tests/test_demo_e2e.py",
+                   "tests/test_resume_pipeline.py", "tests/test_sharding.py",
+                   "tests/test_fast_step.py", "tests/test_trainer.py", "tests/test_faults.py",
+                   "tests/test_fault_commands.py", "tests/test_own_data_e2e.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """--dist loadscope with LONGEST_MODULES first (longest-first keeps both workers busy)."""
+  if config.getvalue("dist") != "loadscope":
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=import-outside-toplevel
+
+  class LongestFirst(LoadScopeScheduling):
+    def _assign_work_unit(self, node):
+      if not getattr(self, "_ordered", False):
+        self._ordered = True
+        rank = {scope: i for i, scope in enumerate(LONGEST_MODULES)}
+        for scope in sorted(self.workqueue, key=lambda s: rank.get(s, len(rank))):  # stable
+          self.workqueue.move_to_end(scope)
+      super()._assign_work_unit(node)
+
+  return LongestFirst(config, log)
