@@ -82,7 +82,7 @@ def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> None:
     for ref in ex["captions"].numpy():
       print(f"  reference : {ref.decode()}")
     caption = f"{PROMPT} {result['prediction']}"
-    scene = {k: [names[k][i] for i in ex["objects"][k].numpy()] for k in names}
+    scene = {k: [names[k][label] for label in ex["objects"][k].numpy()] for k in names}
     checked = shapes_caption_check.score(caption, scene)
     print(f"  model     : {caption}")
     print(f"  checked   : {checked.true_claims}/{checked.claims} claims true, "

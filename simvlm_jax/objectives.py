@@ -175,7 +175,7 @@ def for_vocabulary(objective: Callable, vocabulary: Any) -> Callable:
   corruption's sentinel ids. The others need nothing."""
   if objective is not span_corruption:
     return objective
-  extra_ids = getattr(vocabulary, "extra_ids", 0) if vocabulary is not None else 0
+  extra_ids = getattr(vocabulary, "extra_ids", 0)  # 0 for None (synthetic data) too
   if not extra_ids:
     raise UserError("span corruption needs sentinel ids, the vocabulary's extra ids, and this "
                     "run's vocabulary has none: bind sentencepiece_vocabulary.extra_ids (T5: 100) "

@@ -18,14 +18,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
+from simvlm_jax.models.config import ModelConfig  # noqa: E402
+
 
 def command_xla_flags(devices: int = 1) -> str:
   """XLA_FLAGS for a command a test runs as a user would: `devices` CPU devices (not the suite's
   8), compiled as fast as the suite compiles."""
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 
-
-from simvlm_jax.models.config import ModelConfig  # noqa: E402
 
 # Every field is given explicitly, so gin bindings left behind by another test cannot leak in.
 TINY = dict(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_encoder_layers=2,
@@ -47,7 +47,6 @@ def make_tiny_config(**overrides) -> ModelConfig:
 def tiny_config():
   """`tiny_config(**overrides) -> ModelConfig`: emb 32, 4x8 heads, mlp 64, 2+2 layers, 32px images."""
   return make_tiny_config
-
 
 
 # The longest modules (minutes each, measured with --durations=0), longest first. `make test` sends

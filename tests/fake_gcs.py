@@ -2,13 +2,16 @@
 
   python tests/fake_gcs.py ROOT MODULE [ARGS...]    # as `python -m MODULE ARGS...`
 
-`gs://bucket/a/b` becomes ROOT/bucket/a/b at the three places where a path meets storage:
-epath (all of the project's own file I/O goes through it), `tf.io.gfile` (seqio's SentencePiece
-reader, image reading) and the two libraries that open gs:// by themselves, TensorStore (Orbax's
-arrays: its GCS kvstore spec becomes a file one) and clu's TensorBoard writer. A command that used
+`gs://bucket/a/b` becomes ROOT/bucket/a/b wherever a path meets storage: epath (all of the
+project's own file I/O goes through it; mapped with epath's own `testing.mock_epath`),
+`tf.io.gfile` (seqio's SentencePiece reader, image reading), and the two libraries that open gs://
+by themselves: TensorStore (Orbax's arrays: its GCS kvstore spec becomes a file one) and clu's
+TensorBoard writer. A command that used
 `open` or `os.path` on a gs:// path would look for a local folder named `gs:` and fail, which is what
 the tests that run through this want to catch.
 """
+import contextlib
+import functools
 import os
 import runpy
 import sys
@@ -16,10 +19,10 @@ import sys
 PREFIX = "gs://"
 
 
-def install(root: str) -> None:
-  """Maps gs:// onto `root` for this process."""
+def install(root: str) -> contextlib.ExitStack:
+  """Maps gs:// onto `root` for this process (until the returned stack is closed)."""
   # pylint: disable=import-outside-toplevel,protected-access
-  from etils.epath import backend, gpath
+  from etils.epath import gpath, testing
 
   def local(path):
     path = os.fspath(path)
@@ -28,75 +31,42 @@ def install(root: str) -> None:
   def remote(path):
     return PREFIX + os.path.relpath(path, root) if path.startswith(root + os.sep) else path
 
-  class Mapped(backend._OsPathBackend):
-    """epath's local backend, reached through gs:// names."""
+  def one_path(fn, path, *args, **kwargs):
+    return fn(local(path), *args, **kwargs)
 
-    def open(self, path, mode):
-      return super().open(local(path), mode)
+  def two_paths(fn, src, dst, *args, **kwargs):
+    return fn(local(src), local(dst), *args, **kwargs)
 
-    def exists(self, path):
-      return super().exists(local(path))
+  def walk(fn, top, **kwargs):
+    for parent, dirs, files in fn(local(top), **kwargs):
+      yield remote(os.fspath(parent)), dirs, files
 
-    def isdir(self, path):
-      return super().isdir(local(path))
-
-    def listdir(self, path):
-      return super().listdir(local(path))
-
-    def glob(self, path):
-      return [remote(p) for p in super().glob(local(path))]
-
-    def walk(self, top, *, top_down=True, on_error=None):
-      for parent, dirs, files in super().walk(local(top), top_down=top_down, on_error=on_error):
-        yield remote(os.fspath(parent)), dirs, files
-
-    def makedirs(self, path, *, exist_ok=False, mode=None):
-      return super().makedirs(local(path), exist_ok=exist_ok)
-
-    def mkdir(self, path, *, exist_ok=False, mode=None):
-      return super().mkdir(local(path), exist_ok=exist_ok)
-
-    def rmtree(self, path):
-      return super().rmtree(local(path))
-
-    def remove(self, path):
-      return super().remove(local(path))
-
-    def rename(self, path, dst):
-      return super().rename(local(path), local(dst))
-
-    def replace(self, path, dst):
-      return super().replace(local(path), local(dst))
-
-    def copy(self, path, dst, overwrite):
-      return super().copy(local(path), local(dst), overwrite=overwrite)
-
-    def stat(self, path):
-      return super().stat(local(path))
-
-  gpath._PREFIX_TO_BACKEND["gs"] = Mapped()
+  stack = contextlib.ExitStack()
+  # epath's own test double: every epath call goes through these (non-gs:// paths unchanged).
+  stack.enter_context(testing.mock_epath(
+      open=one_path, exists=one_path, isdir=one_path, listdir=one_path, makedirs=one_path,
+      mkdir=one_path, rmtree=one_path, remove=one_path, stat=one_path, copy=two_paths,
+      rename=two_paths, replace=two_paths, walk=walk,
+      glob=lambda fn, pattern: [remote(p) for p in fn(local(pattern))]))
   gpath._is_tf_installed = lambda: False  # else epath sends gs:// to tf.io.gfile
 
   import tensorflow as tf
   # seqio reads through `tensorflow.compat.v2`, a module object of its own.
   for gfile in {id(m): m for m in (tf.io.gfile, tf.compat.v2.io.gfile)}.values():
-    for name in ("exists", "isdir", "listdir", "makedirs", "remove", "rmtree", "stat"):
-      setattr(gfile, name, (lambda fn: lambda path, *a, **k: fn(local(path), *a, **k))(
-          getattr(gfile, name)))
+    for name in ("exists", "isdir", "listdir", "makedirs", "remove", "rmtree", "stat", "GFile"):
+      setattr(gfile, name, functools.partial(one_path, getattr(gfile, name)))
     for name in ("copy", "rename"):
-      setattr(gfile, name, (lambda fn: lambda src, dst, *a, **k: fn(local(src), local(dst), *a,
-                                                                    **k))(getattr(gfile, name)))
+      setattr(gfile, name, functools.partial(two_paths, getattr(gfile, name)))
     gfile.glob = (lambda fn: lambda pattern: [remote(p) for p in fn(local(pattern))])(gfile.glob)
-    gfile.GFile = (lambda cls: lambda name, mode="r": cls(local(name), mode))(gfile.GFile)
 
   from orbax.checkpoint._src.path import gcs_utils
   gcs_utils.get_kvstore_for_gcs = lambda path: {"driver": "file", "path": local(path)}
   gcs_utils.is_hierarchical_namespace_enabled = lambda path: False  # asks the bucket's API
 
   from clu import metric_writers
-  create_writer = metric_writers.create_default_writer
-  metric_writers.create_default_writer = lambda logdir, *a, **k: create_writer(local(logdir), *a,
-                                                                              **k)
+  metric_writers.create_default_writer = functools.partial(one_path,
+                                                           metric_writers.create_default_writer)
+  return stack
 
 
 if __name__ == "__main__":
@@ -104,5 +74,5 @@ if __name__ == "__main__":
   root, module = os.path.abspath(sys.argv[1]), sys.argv[2]
   sys.argv = ["-m"] + sys.argv[3:]  # what `python -m` shows while it imports
   import simvlm_jax  # noqa: F401  (its quiet console, before TensorFlow is imported)
-  install(root)
-  runpy.run_module(module, run_name="__main__", alter_sys=True)
+  with install(root):
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
