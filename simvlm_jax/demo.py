@@ -18,9 +18,12 @@ r"""The embedded CPU demo (what `make demo` runs): SimVLM from scratch on the sh
 Everything lands in --workdir; running again reuses what is there (data, finished runs).
 """
 import argparse
+import functools
 import importlib
+import json
 import os
 import time
+from typing import Optional, Sequence
 
 import gin
 import jax
@@ -31,15 +34,17 @@ from simvlm_jax import console, gin_utils
 PROMPT = "a picture of"  # SimVLM's "A picture of"; the shapes vocabulary is lower case.
 
 
-def _run_train(gin_file: str, model_dir: str, bindings) -> None:
+def run_train(gin_files: Sequence[str], model_dir: str, bindings: Sequence[str] = ()) -> None:
+  """One training run in this process (`python -m simvlm_jax.train` with these files/bindings)."""
   from simvlm_jax import train
   gin.clear_config()
-  gin_utils.parse_gin([gin_file], [f"train.model_dir = '{model_dir}'", *bindings])
+  gin_utils.parse_gin(list(gin_files), [f"train.model_dir = '{model_dir}'", *bindings])
   train.train()
 
 
-def _held_out_accuracy(model_dir: str, split: str, with_images: bool) -> float:
-  """Teacher-forced PrefixLM token accuracy on held-out captions (the config of `model_dir`)."""
+def _held_out_accuracy(model_dir: str, splits: Sequence[str], with_images: bool) -> list[float]:
+  """Teacher-forced PrefixLM token accuracy on held-out captions, per split (the config of
+  `model_dir`; one Trainer, so its eval step compiles once for every split)."""
   from simvlm_jax import run_dir
   from simvlm_jax.data import pipeline
   from simvlm_jax.partitioning import Partitioner
@@ -50,7 +55,7 @@ def _held_out_accuracy(model_dir: str, split: str, with_images: bool) -> float:
   trainer = Trainer(run.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]), total_steps=1)
   params = run.params
 
-  def batches(shard_index: int, num_shards: int):
+  def batches(split: str, shard_index: int, num_shards: int):
     it = pipeline.make_eval_iterator("shapes64_image_text", split=split, image_text_batch_size=64,
                                      text_batch_size=0, text_length=8, shard_index=shard_index,
                                      num_shards=num_shards)
@@ -58,10 +63,11 @@ def _held_out_accuracy(model_dir: str, split: str, with_images: bool) -> float:
       if not with_images:  # the text-only model reads the captions without their images
         batch["image_text"].pop("images")
       yield batch
-  return evaluate(trainer, params, batches, max_batches=10**9)["eval/accuracy"]
+  return [evaluate(trainer, params, functools.partial(batches, split),
+                   max_batches=10**9)["eval/accuracy"] for split in splits]
 
 
-def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> None:
+def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> dict:
   """Reference captions vs the greedy continuation of PROMPT, for held-out images."""
   import tensorflow_datasets as tfds
   from simvlm_jax.predict import Predictor
@@ -90,9 +96,9 @@ def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> None:
     captions.append(caption)
     scenes.append(scene)
   total = shapes_caption_check.corpus_score(captions, scenes)
-  print(f"\ncaption correctness on {total['captions']} held-out images: {total['precision']:.0f}% "
-        f"of the colours, shapes, sizes and counts stated are true; {total['recall']:.0f}% of the "
-        "objects are named")
+  print(f"\ncaption correctness on {total['captions']} held-out images: "
+        f"{shapes_caption_check.summary(total)}")
+  return total
 
 
 # (benchmark, recipe, task, metric shown)
@@ -103,80 +109,116 @@ DOWNSTREAM = (("VQA", "vqa", "shapes_vqa_v2", "accuracy"),
 CAPTION_METRICS = ("Bleu", "ROUGE_L", "CIDEr")  # METEOR's Java start-up is skipped in the demo
 
 
-def _run_finetune(recipe: str, task: str, model_dir: str, pretrained, steps: int) -> None:
-  from simvlm_jax import train
-  gin.clear_config()
-  gin_utils.parse_gin(["models/simvlm_tiny.gin", f"finetune/{recipe}.gin",
-                       "runs/demo_finetune.gin"],
-                      [f"train.model_dir = '{model_dir}'", f"TASK = '{task}'",
-                       f"PRETRAINED_DIR = {pretrained!r}", f"train.total_steps = {steps}",
-                       f"train.log_every = {max(steps // 2, 1)}"])
-  train.train()
+def run_finetune(recipe: str, task: str, model_dir: str, pretrained: Optional[str], steps: int,
+                 extra_gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+  """Finetunes SimVLM-Tiny (pretrained=None: from scratch) with `gin/finetune/<recipe>.gin` and
+  the demo's finetuning run file, then `extra_gin_files` (e.g. the pretraining run's ablation:
+  the architecture must match the checkpoint)."""
+  run_train(["models/simvlm_tiny.gin", f"finetune/{recipe}.gin", "runs/demo_finetune.gin",
+             *extra_gin_files], model_dir,
+            [f"TASK = '{task}'", f"PRETRAINED_DIR = {pretrained!r}",
+             f"train.total_steps = {steps}", f"train.log_every = {max(steps // 4, 1)}",
+             *bindings])
 
 
-def _evaluate(model_dir: str, task: str, max_examples: int) -> float:
-  """The headline score of the last checkpoint of `model_dir` on `task` (validation)."""
+def evaluate(model_dir: str, task: str, max_examples: int) -> dict:
+  """The scores (`simvlm_jax.eval`) of the last checkpoint of `model_dir` on `task` (validation);
+  an earlier finished evaluation is read back."""
   from simvlm_jax import eval as eval_lib
   output_dir = os.path.join(model_dir, f"eval_{task}")
   if os.path.exists(os.path.join(output_dir, "scores.json")):  # a finished earlier demo
-    import json
     with open(os.path.join(output_dir, "scores.json")) as f:
       scores = json.load(f)
-    last = scores[max(scores, key=int)]
-  else:
-    results = eval_lib.evaluate(model_dir=model_dir, task=task, split="validation",
-                                output_dir=output_dir, batch_size=64, method="auto",
-                                max_examples=max_examples, caption_metric_names=CAPTION_METRICS,
-                                report_examples=50, steps="latest")
-    last = results[max(results)]
-  return eval_lib.headline(eval_lib.benchmark_of(task), last)[1]
+    return scores[max(scores, key=int)]
+  results = eval_lib.evaluate(model_dir=model_dir, task=task, split="validation",
+                              output_dir=output_dir, batch_size=64, method="auto",
+                              max_examples=max_examples, caption_metric_names=CAPTION_METRICS,
+                              report_examples=50, steps="latest")
+  return results[max(results)]
+
+
+def headline(task: str, scores: dict) -> float:
+  """VQA accuracy, CIDEr (x100, as the paper prints it) or accuracy."""
+  from simvlm_jax import eval as eval_lib
+  return eval_lib.headline(eval_lib.benchmark_of(task), scores)[1]
 
 
 def _finished(model_dir: str, steps: int) -> bool:
   return os.path.isdir(os.path.join(model_dir, "checkpoints", str(steps)))
 
 
-def _downstream(args, workdir: str, data_dir: str, pretrained: str) -> None:
+def _correctness(scores: dict) -> str:
+  from tasks import shapes_caption_check
+  checked = scores.get("caption_correctness")
+  return f"   correctness: {shapes_caption_check.summary(checked)}" if checked else ""
+
+
+def build_downstream(workdir: str, data_dir: str, train: int, evaluation: int) -> None:
+  """The shapes world's downstream benchmarks (raw files in <workdir>/downstream_raw, TFDS)."""
   from tasks import build
-  steps = args.finetune_steps or (args.steps if args.steps is not None else 80)
-  train_images = min(args.downstream_train, args.train_images)
-  eval_images = min(args.downstream_eval, args.heldout_images)
   build.main(["--data_dir", data_dir, "shapes_downstream", "--out_dir",
-              os.path.join(workdir, "downstream_raw"), "--train", str(train_images),
-              "--eval", str(eval_images), "--workers", "0"])  # no fork(): JAX is running
+              os.path.join(workdir, "downstream_raw"), "--train", str(train),
+              "--eval", str(evaluation), "--workers", "0"])  # no fork(): JAX may be running
+
+
+def _downstream(args, workdir: str, data_dir: str, pretrained: str) -> dict:
+  """Finetunes and evaluates; returns {row: scores} (rows "VQA/pretrained", "zero-shot", ...)."""
+  steps = args.finetune_steps or (args.steps if args.steps is not None else 80)
+  build_downstream(workdir, data_dir, min(args.downstream_train, args.train_images),
+                   min(args.downstream_eval, args.heldout_images))
   root = os.path.join(workdir, "downstream")
   max_examples = args.downstream_eval_examples
   scores = {}
-  runs = [(name, recipe, task, start) for name, recipe, task, _ in DOWNSTREAM
+  chosen = [row for row in DOWNSTREAM if row[0] in args.downstream]
+  runs = [(name, recipe, task, start) for name, recipe, task, _ in chosen
           for start in ("pretrained", "scratch")]
-  runs.append(("text NLI", "snli_ve_text", "shapes_snli_ve_text", "pretrained"))
+  if "SNLI-VE" in args.downstream:  # and the cross-modality transfer experiment
+    runs.append(("text NLI", "snli_ve_text", "shapes_snli_ve_text", "pretrained"))
   for name, recipe, task, start in runs:
     model_dir = os.path.join(root, f"{recipe}_{start}")
     print(f"-- finetuning ({start}) on {task} for {steps} steps -> {model_dir}", flush=True)
     if not _finished(model_dir, steps):
-      _run_finetune(recipe, task, model_dir, pretrained if start == "pretrained" else None, steps)
+      run_finetune(recipe, task, model_dir, pretrained if start == "pretrained" else None, steps,
+                   bindings=args.finetune_gin)
     eval_task = "shapes_snli_ve" if recipe == "snli_ve_text" else task
-    scores[(name, start)] = _evaluate(model_dir, eval_task, max_examples)
-  print("-- zero-shot captioning with the pretrained model (prompt \"a picture of\")", flush=True)
-  zero_shot = _evaluate(pretrained, "shapes_coco_captions", max_examples)
+    scores[f"{name}/{start}"] = evaluate(model_dir, eval_task, max_examples)
+  if "captioning" in args.downstream:
+    print("-- zero-shot captioning with the pretrained model (prompt \"a picture of\")",
+          flush=True)
+    scores["zero-shot captioning"] = evaluate(pretrained, "shapes_coco_captions", max_examples)
 
   print(f"\ndownstream (shapes world, validation, first {max_examples} examples; "
         f"{steps} finetuning steps each):")
   print(f"  {'benchmark':<12} {'metric':<9} {'pretrained':>10} {'from scratch':>13}")
-  for name, _, _, metric in DOWNSTREAM:
-    print(f"  {name:<12} {metric:<9} {scores[(name, 'pretrained')]:>10.2f} "
-          f"{scores[(name, 'scratch')]:>13.2f}")
-  print("  zero-shot:")
-  print(f"  {'captioning':<12} {'CIDEr':<9} {zero_shot:>10.2f}   (pretrained model, no "
-        f"finetuning, prompt \"{PROMPT}\")")
-  print(f"  {'SNLI-VE':<12} {'accuracy':<9} {scores[('text NLI', 'pretrained')]:>10.2f}   "
-        "(finetuned on text-only NLI, tested with images)")
+  for name, _, task, metric in chosen:
+    row = [headline(task, scores[f"{name}/{start}"]) for start in ("pretrained", "scratch")]
+    print(f"  {name:<12} {metric:<9} {row[0]:>10.2f} {row[1]:>13.2f}")
+  if "captioning" in args.downstream:
+    for start in ("pretrained", "scratch"):
+      print(f"  captioning ({start}){_correctness(scores[f'captioning/{start}'])}")
+    zero_shot = scores["zero-shot captioning"]
+    print("  zero-shot:")
+    print(f"  {'captioning':<12} {'CIDEr':<9} "
+          f"{headline('shapes_coco_captions', zero_shot):>10.2f}   (pretrained model, no "
+          f"finetuning, prompt \"{PROMPT}\")\n  {'':<33}{_correctness(zero_shot)}")
+  if "SNLI-VE" in args.downstream:
+    print(f"  {'SNLI-VE':<12} {'accuracy':<9} "
+          f"{headline('shapes_snli_ve', scores['text NLI/pretrained']):>10.2f}   "
+          "(finetuned on text-only NLI, tested with images)")
   print(f"  reports: {root}/*/eval_*/report_<step>.html")
+  return scores
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
+  """Runs the demo; returns what it printed as numbers (`benchmarks/fidelity.py` keeps them)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default=os.path.abspath("demo_output"))
+  parser.add_argument("--pretrain_gin", default="runs/demo_pretrain.gin",
+                      help="the pretraining run file (gin/)")
+  parser.add_argument("--gin", action="append", default=[],
+                      help="a gin binding for the pretraining run (repeatable)")
+  parser.add_argument("--finetune_gin", action="append", default=[],
+                      help="a gin binding for every finetuning run (repeatable)")
   parser.add_argument("--steps", type=int, default=None, help="default: the gin file's")
   parser.add_argument("--train_images", type=int, default=20000)
   parser.add_argument("--heldout_images", type=int, default=1000, help="per held-out split")
@@ -189,6 +231,12 @@ def main(argv=None) -> None:
                       help="images per downstream eval split (at most --heldout_images)")
   parser.add_argument("--downstream_eval_examples", type=int, default=300,
                       help="examples scored per downstream evaluation")
+  parser.add_argument("--downstream", nargs="+", choices=[row[0] for row in DOWNSTREAM],
+                      default=[row[0] for row in DOWNSTREAM],
+                      help="benchmarks to finetune on (captioning adds zero-shot captioning; "
+                           "SNLI-VE adds text-only NLI transfer)")
+  parser.add_argument("--skip_text_only", action="store_true",
+                      help="no text-only comparison model (step 3)")
   parser.add_argument("--skip_downstream", action="store_true")
   parser.add_argument(console.FLAG, action="store_true",
                       help="show the libraries' logging (see simvlm_jax.console)")
@@ -205,33 +253,37 @@ def main(argv=None) -> None:
   build.main(["--data_dir", data_dir, "shapes", "--train", str(args.train_images),
               "--validation", heldout, "--compositional", heldout,
               "--text_train", str(args.text_statements), "--text_validation", heldout])
-  gin_file = "runs/demo_pretrain.gin"
-  steps = [] if args.steps is None else [f"train.total_steps = {args.steps}"]
-  runs = {"image-text + text": os.path.join(args.workdir, "pretrain"),
-          "text only": os.path.join(args.workdir, "text_only")}
+  bindings = args.gin + ([] if args.steps is None else [f"train.total_steps = {args.steps}"])
+  runs = {"image-text + text": os.path.join(args.workdir, "pretrain")}
+  if not args.skip_text_only:
+    runs["text only"] = os.path.join(args.workdir, "text_only")
   print(f"== 2/5 pretraining SimVLM-Tiny on image-text + text ({runs['image-text + text']})",
         flush=True)
-  _run_train(gin_file, runs["image-text + text"], steps)
-  print(f"== 3/5 the same model on text only ({runs['text only']})", flush=True)
-  _run_train(gin_file, runs["text only"],
-             steps + ["IMAGE_TEXT_BATCH_SIZE = 0", "train.eval_iterator_fn = None"])
+  run_train([args.pretrain_gin], runs["image-text + text"], bindings)
+  if not args.skip_text_only:
+    print(f"== 3/5 the same model on text only ({runs['text only']})", flush=True)
+    run_train([args.pretrain_gin], runs["text only"],
+              bindings + ["IMAGE_TEXT_BATCH_SIZE = 0", "train.eval_iterator_fn = None"])
 
   print("== 4/5 held-out captions", flush=True)
-  _show_captions(runs["image-text + text"], data_dir)
+  results = {"held-out captions": _show_captions(runs["image-text + text"], data_dir),
+             "held-out token accuracy": {}}
   print("\nheld-out teacher-forced token accuracy on captions (PrefixLM split):")
   print(f"  {'model':<20} {'validation':>10} {'compositional':>14}")
   for name, model_dir in runs.items():
     with_images = name != "text only"
-    accs = [_held_out_accuracy(model_dir, split, with_images)
-            for split in ("validation", "compositional")]
+    accs = _held_out_accuracy(model_dir, ("validation", "compositional"), with_images)
+    results["held-out token accuracy"][name] = dict(zip(("validation", "compositional"), accs))
     print(f"  {name:<20} {accs[0]:>10.3f} {accs[1]:>14.3f}")
   if not args.skip_downstream:
     print("\n== 5/5 downstream: finetuning and evaluating on the shapes world's benchmarks",
           flush=True)
-    _downstream(args, args.workdir, data_dir, runs["image-text + text"])
-  print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min; predict on your own images with\n"
+    results["downstream"] = _downstream(args, args.workdir, data_dir, runs["image-text + text"])
+  results["minutes"] = (time.time() - start) / 60
+  print(f"\ndemo finished in {results['minutes']:.1f} min; predict on your own images with\n"
         f"  .venv/bin/python -m simvlm_jax.predict --checkpoint_dir={runs['image-text + text']} "
         f"--image='path/*.png'")
+  return results
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ top class of the VQA answer vocabulary. The metric follows the task:
 
   vqa_v2                     VQA accuracy (overall, per answer type, per question type; version:
                              `evaluate.vqa_metric_version`)
-  coco_captions, nocaps      BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap; SPICE: n/a offline)
+  coco_captions, nocaps      BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap; SPICE: n/a offline);
+                             the shapes world's also caption correctness against the scene
+                             (`tasks.shapes_caption_check`: precision and recall, in %)
   nlvr2, snli_ve(_text)      accuracy, per class and a confusion matrix; text that is no label is
                              wrong
 
@@ -80,6 +82,9 @@ def score(benchmark: str, predictions: Sequence[str], meta: Sequence[dict],
     corpus, per_image = caption_metrics.coco_caption_scores(
         dict(enumerate(predictions)), refs, caption_metric_names)
     scores = {**corpus, "examples": len(predictions)}
+    scenes = [_text(m.get("scene", "")) for m in meta]
+    if any(scenes):
+      scores["caption_correctness"] = _caption_correctness(predictions, scenes)
     if benchmark == "nocaps":
       for domain in sorted({_text(m["domain"]) for m in meta}):
         ids = [i for i, m in enumerate(meta) if _text(m["domain"]) == domain]
@@ -92,6 +97,17 @@ def score(benchmark: str, predictions: Sequence[str], meta: Sequence[dict],
   result = classification.classification_metrics(predictions, labels, classes)
   per_example = [float(p.strip().lower() == l) * 100 for p, l in zip(predictions, labels)]
   return {**result, "examples": len(predictions)}, per_example
+
+
+def _caption_correctness(predictions: Sequence[str], scenes: Sequence[str]) -> dict:
+  """The shapes world's captions checked against their scenes (`tasks.shapes_caption_check`):
+  precision (% of the colours, shapes, sizes and counts stated that are true) and recall (% of
+  the objects named). Only the shapes world's caption tasks carry a scene feature."""
+  from tasks import shapes_caption_check
+  known = [i for i, scene in enumerate(scenes) if scene]
+  return shapes_caption_check.corpus_score(
+      [predictions[i] for i in known],
+      [shapes_caption_check.scene_from_json(scenes[i]) for i in known])
 
 
 def _tokenized_subset(predictions, refs, ids):
@@ -120,6 +136,20 @@ def _jsonable(x: Any) -> Any:
   if isinstance(x, np.generic):
     return x.item()
   return x
+
+
+_DECODE_FNS: dict = {}
+
+
+def _decode_fn(model, config, method: str, max_decode_length: int, beam_size: int, alpha: float):
+  """The jitted decoder for a model config, shared by every Evaluator of this process: a demo or
+  benchmark that evaluates several runs of one architecture compiles it once per input shape."""
+  key = (repr(config), method, max_decode_length, beam_size, alpha)
+  if key not in _DECODE_FNS:
+    _DECODE_FNS[key] = jax.jit(decoding.make_decode_fn(
+        model, method=method, max_decode_length=max_decode_length, beam_size=beam_size,
+        alpha=alpha))
+  return _DECODE_FNS[key]
 
 
 class Evaluator:
@@ -156,9 +186,8 @@ class Evaluator:
       if method == "auto":
         method = "beam" if self.benchmark in CAPTION_TASKS else "greedy"
       self.method = method
-      self._predict = jax.jit(decoding.make_decode_fn(
-          model, method=method, max_decode_length=max_decode_length or self.targets_length,
-          beam_size=beam_size, alpha=alpha))
+      self._predict = _decode_fn(model, self.config, method,
+                                 max_decode_length or self.targets_length, beam_size, alpha)
     self._finetune = finetune
 
   def steps(self) -> list[int]:
@@ -292,7 +321,11 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
                         if k not in ("confusion_matrix", "per_question_type", "step")})
     writer.write_scalars(step, {f"eval/{task}/{k}": v for k, v in numeric.items()})
     key, value = headline(evaluator.benchmark, scores)
-    print(f"{task} {split} step {step}: {key} {value:.2f} ({scores['examples']} examples, "
+    summary = f"{key} {value:.2f}"
+    if "caption_correctness" in scores:
+      from tasks import shapes_caption_check
+      summary += f"; correctness: {shapes_caption_check.summary(scores['caption_correctness'])}"
+    print(f"{task} {split} step {step}: {summary} ({scores['examples']} examples, "
           f"{evaluator.method}, {scores['predict_seconds']:.1f}s predict + "
           f"{scores['score_seconds']:.1f}s score) -> {output_dir}", flush=True)
   writer.flush()

@@ -12,6 +12,7 @@ fraction of the scene's objects it names correctly (shape, and colour and size w
 Relations ("to the left of") and the background are not checked.
 """
 import dataclasses
+import json
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -112,10 +113,26 @@ def score(caption: str, objects: Mapping[str, Sequence[str]]) -> CaptionScore:
 
 
 def corpus_score(captions: Iterable[str], scenes: Iterable[Mapping[str, Sequence[str]]]) -> dict:
-  """Claims and objects pooled over captions: {"precision": %, "recall": %, "captions": n}."""
+  """Claims and objects pooled over captions: {"precision": %, "recall": %, "captions": n,
+  "claims": n}. Captions that claim nothing (e.g. empty ones) leave precision undefined: None."""
   scores = [score(c, s) for c, s in zip(captions, scenes)]
   claims = sum(s.claims for s in scores)
   objects = sum(s.objects for s in scores)
-  return {"precision": 100.0 * sum(s.true_claims for s in scores) / claims if claims else 100.0,
-          "recall": 100.0 * sum(s.named_objects for s in scores) / objects if objects else 100.0,
-          "captions": len(scores)}
+  return {"precision": 100.0 * sum(s.true_claims for s in scores) / claims if claims else None,
+          "recall": 100.0 * sum(s.named_objects for s in scores) / objects if objects else 0.0,
+          "captions": len(scores), "claims": claims}
+
+
+def summary(pooled: dict) -> str:
+  """One line for a `corpus_score`: what share of the claims is true, of the objects named."""
+  claims = (f"{pooled['precision']:.0f}% of the {pooled['claims']} colours, shapes, sizes and "
+            "counts stated are true" if pooled["precision"] is not None
+            else "no colour, shape, size or count is stated")
+  return f"{claims}; {pooled['recall']:.0f}% of the objects are named"
+
+
+def scene_from_json(text: str) -> dict[str, list[str]]:
+  """The downstream benchmarks' scene feature ({"objects": [{"colour", "shape", "size", ...}]},
+  `tasks.downstream.common`) as `score` takes it."""
+  objects = json.loads(text)["objects"]
+  return {key: [o[key] for o in objects] for key in ("colour", "shape", "size")}

@@ -52,7 +52,7 @@ def tiny_config():
 # The longest modules (minutes each, measured with --durations=0), longest first. `make test` sends
 # each module whole to one worker (--dist loadscope), and xdist would order them by test count,
 # leaving a one-test six-minute module alone at the tail; these start first instead.
-LONGEST_MODULES = ("tests/test_eval.py", "tests/test_multihost.py", "tests/test_demo_e2e.py",
+LONGEST_MODULES = ("tests/test_eval.py", "tests/test_demo_e2e.py", "tests/test_multihost.py",
                    "tests/test_resume_pipeline.py", "tests/test_sharding.py",
                    "tests/test_fast_step.py", "tests/test_trainer.py", "tests/test_faults.py",
                    "tests/test_fault_commands.py", "tests/test_own_data_e2e.py")

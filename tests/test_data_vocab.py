@@ -193,3 +193,19 @@ def test_span_corruption_sentinels_are_the_vocabularys_extra_ids(shapes_model):
     objectives.for_vocabulary(objectives.span_corruption,
                               seqio.SentencePieceVocabulary(shapes_model))
   assert objectives.for_vocabulary(objectives.prefix_lm, None) is objectives.prefix_lm
+
+
+def test_deferred_vocabulary_follows_the_gin_config_it_is_used_under(shapes_model):
+  """One process, one config after another (the demo, benchmarks/ablations.py): each use of a
+  task's vocabulary reads that config's extra ids, so span corruption's run after a PrefixLM run
+  gets its sentinels, and the next PrefixLM run none."""
+  vocabulary = vocab.DeferredSentencePieceVocabulary(lambda: shapes_model)
+  sizes = []
+  for extra_ids in (0, 100, 0):
+    gin.clear_config()
+    gin.bind_parameter("sentencepiece_vocabulary.extra_ids", extra_ids)
+    sizes.append(vocabulary.vocab_size)
+    assert vocabulary.decode([vocabulary.vocab_size - 1]) == (
+        "<extra_id_0>" if extra_ids else vocabulary.decode([tasks.SHAPES_VOCAB_SIZE - 1]))
+  gin.clear_config()
+  assert sizes == [512, 612, 512]

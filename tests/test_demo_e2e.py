@@ -1,5 +1,7 @@
-"""End to end on the embedded data: the demo (build, pretrain, text-only run, captions, held-out
-accuracy) with a few steps, then the predict command on its checkpoint, errors included."""
+"""End to end on the embedded data: the demo (build, pretrain, captions, held-out accuracy,
+finetuning on captioning from the pretrained model and from scratch, zero-shot captioning) on a
+schedule just long enough to learn, checked for learning; then the predict command on its
+checkpoint, errors included. (The demo's text-only comparison run is skipped here.)"""
 import json
 import os
 import re
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from conftest import command_xla_flags
+from simvlm_jax.metrics import captions as caption_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 150
 
 
 def _env(tmp):
@@ -25,13 +29,20 @@ def _env(tmp):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("demo")
+  # 150 pretraining steps of 16 + 4 rows and 40 finetuning steps: about 4 minutes, enough that
+  # learning shows (below); the other benchmarks end to end: tests/test_eval.py.
   out = subprocess.run(
-      [sys.executable, "-m", "simvlm_jax.demo", f"--workdir={tmp / 'work'}", "--steps=3",
-       "--train_images=64", "--heldout_images=64", "--text_statements=200",
-       "--skip_downstream"],  # finetuning and eval end to end: tests/test_eval.py
+      [sys.executable, "-m", "simvlm_jax.demo", f"--workdir={tmp / 'work'}",
+       f"--steps={STEPS}", "--gin", "IMAGE_TEXT_BATCH_SIZE = 16", "--gin", "TEXT_BATCH_SIZE = 4",
+       "--train_images=512", "--heldout_images=64", "--text_statements=1000",
+       "--skip_text_only",  # (its 150 steps would cost a minute of `make test`)
+       "--downstream", "captioning", "--finetune_steps=40", "--downstream_train=256",
+       "--downstream_eval=32", "--downstream_eval_examples=32"],
       cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stderr == ""  # the quiet console: no library logging (simvlm_jax.console)
+  # The quiet console: no library logging (simvlm_jax.console), only our one warning that SPICE
+  # is not computed offline.
+  assert out.stderr.splitlines() == [f"warning: {caption_metrics.SPICE_UNAVAILABLE}"]
   assert "Downloading and preparing" not in out.stdout  # nor TFDS's build lines
   return tmp, out.stdout
 
@@ -50,13 +61,32 @@ def test_demo_prints_captions_and_accuracies(demo):
   # Each caption checked against its scene (tasks/shapes_caption_check.py), then pooled.
   checked = re.findall(r"checked   : (\d+)/(\d+) claims true, (\d+)/(\d+) objects named", stdout)
   assert len(checked) == 8 and all(int(t) <= int(c) and int(n) <= int(o) for t, c, n, o in checked)
-  assert re.search(r"caption correctness on 8 held-out images: \d+% of the colours, shapes, sizes "
-                   r"and counts stated are true; \d+% of the objects are named", stdout)
+  assert re.search(r"caption correctness on 8 held-out images: (\d+% of the \d+ colours, shapes, "
+                   r"sizes and counts stated are true|no colour, shape, size or count is stated); "
+                   r"\d+% of the objects are named", stdout)
   rows = [line.split() for line in stdout.splitlines() if line.strip().startswith(("image-text",
                                                                                   "text only"))]
-  assert len(rows) == 2
+  assert len(rows) == 1  # the text-only comparison is skipped here
   for row in rows:
     assert 0.0 <= float(row[-1]) <= 1.0 and 0.0 <= float(row[-2]) <= 1.0
+
+
+@pytest.mark.slow
+def test_the_demo_learns(demo):
+  """Learning, not just running: after 150 steps the held-out captions are far above chance
+  token accuracy, and captioning finetuned from the pretrained model beats the same finetuning
+  from scratch. Measured on this schedule, seeds 0 / 1: held-out accuracy 0.447 / 0.466
+  (compositional 0.412 / 0.398); captioning CIDEr from the pretrained model 21.4 / 20.8, from
+  scratch 6.0 / 7.0 (it writes "a large the"). The thresholds leave room for both."""
+  _, stdout = demo
+  validation, compositional = map(float, re.search(
+      r"^  image-text \+ text +([\d.]+) +([\d.]+)$", stdout, re.M).groups())
+  assert validation > 0.35 and compositional > 0.3
+  pretrained, scratch = map(float, re.search(
+      r"^  captioning   CIDEr +([\d.]+) +([\d.]+)$", stdout, re.M).groups())
+  assert pretrained > scratch + 8.0, (pretrained, scratch)
+  assert re.search(r"^  captioning   CIDEr +\d+\.\d\d   \(pretrained model, no finetuning", stdout,
+                   re.M)  # zero-shot
 
 
 @pytest.mark.slow
@@ -93,7 +123,7 @@ def test_predict_command(demo):
   bad = _predict(tmp, f"--checkpoint_dir={model_dir}", f"--image={images}/broken.jpg")
   assert bad.returncode == 1 and bad.stderr.splitlines()[-1] == "error: no image could be read"
   # The step directory of a checkpoint works as well as its run.
-  step = _predict(tmp, "--checkpoint_dir=work/pretrain/checkpoints/3", "--image=images/a.png",
+  step = _predict(tmp, f"--checkpoint_dir=work/pretrain/checkpoints/{STEPS}", "--image=images/a.png",
                   cwd=tmp)
   assert step.returncode == 0 and step.stdout == "images/a.png\t" + text.stdout.split("\t")[1]
 

@@ -76,6 +76,31 @@ def test_nocaps_cider_per_domain():
   assert [s["CIDEr"] for s in per_image] == pytest.approx([10, 10, 10, 0, 0, 0])
 
 
+def test_shapes_captions_are_checked_against_their_scenes():
+  """Caption correctness beside CIDEr for the shapes world's caption tasks (their "scene"
+  feature): image 0 "a large red circle" on a large red circle = 3 of 3 claims, 1 of 1 object;
+  image 1 "a small blue square" on a small blue diamond and a large green star = 0 of 3 claims
+  (no square, so its colour and size are not true of one either), 0 of 2 objects; image 2 has
+  no scene and is left out: 3 of 6 claims, 1 of 3 objects."""
+  scene = lambda *objects: json.dumps({"objects": [
+      {"colour": c, "shape": s, "size": z, "x": 0.5, "y": 0.5} for z, c, s in objects]})
+  meta = [{"captions": np.array([b"a large red circle"]),
+           "scene": scene(("large", "red", "circle")).encode()},
+          {"captions": np.array([b"a small blue diamond"]),
+           "scene": scene(("small", "blue", "diamond"), ("large", "green", "star")).encode()},
+          {"captions": np.array([b"a small cross"]), "scene": b""}]
+  scores, _ = eval_lib.score("coco_captions", ["a large red circle", "a small blue square",
+                                               "a small cross"], meta, caption_metric_names=("CIDEr",))
+  assert scores["caption_correctness"] == {"precision": pytest.approx(50.0),
+                                           "recall": pytest.approx(100 * 1 / 3), "captions": 2,
+                                           "claims": 6}
+  assert eval_lib._numeric(scores)["caption_correctness/recall"] == pytest.approx(100 / 3)
+  plain, _ = eval_lib.score("coco_captions", ["a large red circle"],
+                            [{"captions": np.array([b"a large red circle"])}],
+                            caption_metric_names=("CIDEr",))
+  assert "caption_correctness" not in plain  # COCO itself has no scenes
+
+
 def test_numeric_flattening():
   flat = eval_lib._numeric({"accuracy": 1, "per": {"a": 2.0}, "method": "beam", "x": None,
                             "ok": True})

@@ -39,7 +39,12 @@ def test_precision_recall_and_corpus_pooling():
   assert check.score("", SCENE).precision == 1.0  # no claim, nothing false
   pooled = check.corpus_score(["a small green triangle and a large red circle",
                                "a large green diamond"], [SCENE, SCENE])
-  assert pooled == {"precision": pytest.approx(100 * 6 / 9), "recall": 50.0, "captions": 2}
+  assert pooled == {"precision": pytest.approx(100 * 6 / 9), "recall": 50.0, "captions": 2,
+                    "claims": 9}
+  # Captions that claim nothing (an untrained model's empty ones) have no precision, not 100%.
+  silent = check.corpus_score(["", "a picture of"], [{"colour": ["red"], "shape": ["circle"],
+                                                     "size": ["small"]}] * 2)
+  assert silent == {"precision": None, "recall": 0.0, "captions": 2, "claims": 0}
 
 
 def test_the_worlds_own_captions_are_true():

@@ -129,6 +129,9 @@ def test_captions_and_the_compositional_split(built):
       assert not any(_held_out_named(s["raw"]) for s in image["sentences"])
   for example in _read(data_dir, "coco_karpathy/shapes", "compositional"):
     assert len(example["captions"]) == 5
+    # The scene rides along (caption correctness in simvlm_jax.eval), as scenes.jsonl has it.
+    objects = scenes[example["file_name"].decode()]["objects"]
+    assert json.loads(example["scene"]) == {"objects": objects}
 
   domains = collections.Counter()
   novel_counts = _scenes(out_dir, "nocaps")
@@ -140,6 +143,7 @@ def test_captions_and_the_compositional_split(built):
     assert domain == ("in-domain" if not any(novel) else
                       "out-domain" if all(novel) else "near-domain")
     assert len(example["captions"]) == 10
+    assert json.loads(example["scene"]) == {"objects": scene["objects"]}
     assert all(_names_only_what_is_there(_text(c), scene) for c in example["captions"])
   assert min(domains.values()) >= EVAL // 3
 

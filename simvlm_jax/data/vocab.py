@@ -37,17 +37,23 @@ class DeferredSentencePieceVocabulary(seqio.SentencePieceVocabulary):
 
   Resolution order: gin `sentencepiece_vocabulary.model_path`, else `default_model()` (a
   module-level function, so the vocabulary stays picklable for gin). `extra_ids` comes from gin.
+  Every use rereads those two settings, so a process that runs one config after another (the
+  demo, `benchmarks/ablations.py`) tokenizes each with its own vocabulary.
   """
 
   def __init__(self, default_model: Callable[[], str]):
     super().__init__(sentencepiece_model_file="")
     self._default_model = default_model
+    self._settings = None
 
   def _resolve(self) -> None:
-    if not self._sentencepiece_model_file:
-      model_path, extra_ids = sentencepiece_vocabulary()
+    settings = sentencepiece_vocabulary()
+    if settings != self._settings:
+      model_path, extra_ids = settings
       self._sentencepiece_model_file = model_path or self._default_model()
       self._extra_ids = extra_ids
+      self._model = None  # seqio's loaded model (and its extra ids): load it again
+      self._settings = settings
 
   @property
   def sentencepiece_model_file(self) -> str:
@@ -60,8 +66,8 @@ class DeferredSentencePieceVocabulary(seqio.SentencePieceVocabulary):
     return self._extra_ids
 
   def _model_context(self):
+    self._resolve()
     if self._model is None:
-      self._resolve()
       check_t5_ids(super()._model_context().tokenizer, self._sentencepiece_model_file)
     return super()._model_context()
 

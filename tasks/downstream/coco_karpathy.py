@@ -9,7 +9,8 @@ Raw files (source_dir, default $SIMVLM_DOWNSTREAM_DIR/coco):
 
 Splits: train (train + restval), validation (val), test; any other split name in the file becomes
 a split of its own (the shapes world adds "compositional").
-Features: image (encoded bytes as stored), image_id (cocoid), file_name, captions (every reference).
+Features: image (encoded bytes as stored), image_id (cocoid), file_name, captions (every reference);
+config shapes also scene (the image's objects as JSON, from the shapes world's scenes.jsonl).
 """
 import collections
 import os
@@ -30,7 +31,8 @@ EXPECTED = {
 
 class CocoKarpathy(common.RawFilesBuilder):
   """COCO captions, Karpathy split, from local files."""
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "config shapes: the scene feature"}
   SOURCE_SUBDIR = "coco"
   EXPECTED = EXPECTED
 
@@ -42,6 +44,7 @@ class CocoKarpathy(common.RawFilesBuilder):
             "image_id": tfds.features.Scalar(dtype=np.int64),
             "file_name": tfds.features.Text(),
             "captions": tfds.features.Sequence(tfds.features.Text()),
+            **self.scene_features(),
         }),
     )
 
@@ -49,13 +52,14 @@ class CocoKarpathy(common.RawFilesBuilder):
     del dl_manager  # local files only
     root = self.source_dir()
     common.require(self.name, root, EXPECTED)
+    scenes = self.read_scenes(root)
     images = collections.defaultdict(list)
     for image in common.read_json(os.path.join(root, "dataset_coco.json"))["images"]:
       images[SPLITS.get(image["split"], image["split"])].append(image)
-    return {split: self._generate_examples(root, split, entries)
+    return {split: self._generate_examples(root, split, entries, scenes)
             for split, entries in images.items()}
 
-  def _generate_examples(self, root: str, split: str, images: list):
+  def _generate_examples(self, root: str, split: str, images: list, scenes: dict):
     with common.SkipCounter(f"{self.name} {split}") as skipped:
       for image in images:
         file_name = os.path.join(image["filepath"], image["filename"])
@@ -68,4 +72,5 @@ class CocoKarpathy(common.RawFilesBuilder):
             "image_id": image["cocoid"],
             "file_name": file_name,
             "captions": [s["raw"].strip() for s in image["sentences"]],
+            **self.scene_of(scenes, file_name),
         }

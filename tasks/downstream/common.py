@@ -18,6 +18,7 @@ from absl import logging
 from tasks import tfds_compat
 
 SOURCE_DIR_ENV = "SIMVLM_DOWNSTREAM_DIR"
+SCENES_FILE = "scenes.jsonl"  # the shapes world's ground truth, beside each benchmark's files
 
 
 def default_root(config: str) -> str:
@@ -107,6 +108,27 @@ class RawFilesBuilder(tfds_compat.QuietPrepare, tfds.core.GeneratorBasedBuilder)
   def source_dir(self) -> str:
     root = self._source_root or default_root(self.builder_config.name)
     return self._source_dir or os.path.join(root, self.source_subdir())
+
+  def scene_features(self) -> dict:
+    """The shapes config's extra feature: each image's ground-truth scene (JSON), for checks
+    such as caption correctness (`tasks.shapes_caption_check`); none for the official release."""
+    return {"scene": tfds.features.Text()} if self.builder_config.name == "shapes" else {}
+
+  def read_scenes(self, root: str) -> Mapping[str, str]:
+    """{image file relative to root: its scene as JSON} from the shapes world's scenes.jsonl
+    (config shapes); {} otherwise. An image without a scene gets "" (see `scene_of`)."""
+    if self.builder_config.name != "shapes":
+      return {}
+    path = os.path.join(root, SCENES_FILE)
+    if not tf.io.gfile.exists(path):
+      logging.warning("%s/shapes: no %s, so no scene checks (tasks.build shapes_downstream "
+                      "writes it)", self.name, path)
+      return {}
+    return {r["key"]: json.dumps({"objects": r["objects"]}) for r in read_jsonl(path)}
+
+  def scene_of(self, scenes: Mapping[str, str], file_name: str) -> dict:
+    """The example's scene feature (empty for the official config)."""
+    return {"scene": scenes.get(file_name, "")} if self.builder_config.name == "shapes" else {}
 
   def has_source(self) -> bool:
     """Whether any file the release consists of is in the source folder (folders don't count)."""

@@ -9,7 +9,8 @@ Raw files (source_dir, default $SIMVLM_DOWNSTREAM_DIR/nocaps):
   test/                           (with the test file) the test images
 
 Splits: validation, test (if its file is there). Features: image, image_id, open_images_id,
-domain (ClassLabel: DOMAINS, for per-domain CIDEr), captions (every reference; empty for test).
+domain (ClassLabel: DOMAINS, for per-domain CIDEr), captions (every reference; empty for test);
+config shapes also scene (the image's objects as JSON, from the shapes world's scenes.jsonl).
 """
 import collections
 import os
@@ -34,7 +35,8 @@ OPTIONAL = {
 
 class Nocaps(common.RawFilesBuilder):
   """NoCaps validation (and test) images with their domains, from local files."""
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "config shapes: the scene feature"}
   SOURCE_SUBDIR = "nocaps"
   EXPECTED = EXPECTED
 
@@ -47,6 +49,7 @@ class Nocaps(common.RawFilesBuilder):
             "open_images_id": tfds.features.Text(),
             "domain": tfds.features.ClassLabel(names=DOMAINS),
             "captions": tfds.features.Sequence(tfds.features.Text()),
+            **self.scene_features(),
         }),
     )
 
@@ -61,6 +64,7 @@ class Nocaps(common.RawFilesBuilder):
 
   def _generate_examples(self, root: str, annotation_file: str, image_folder: str):
     data = common.read_json(os.path.join(root, annotation_file))
+    scenes = self.read_scenes(root)
     captions = collections.defaultdict(list)
     for annotation in data.get("annotations", ()):
       captions[annotation["image_id"]].append(annotation["caption"].strip())
@@ -76,4 +80,5 @@ class Nocaps(common.RawFilesBuilder):
             "open_images_id": image["open_images_id"],
             "domain": image["domain"],
             "captions": captions[image["id"]],
+            **self.scene_of(scenes, f"{image_folder}/{image['file_name']}"),
         }

@@ -74,6 +74,8 @@ def _caption_example(example: dict, seed: tf.Tensor) -> dict:
          "image_id": example["image_id"]}
   if "domain" in example:
     out["domain"] = tf.gather(tf.constant(nocaps.DOMAINS), example["domain"])
+  if "scene" in example:  # the shapes world's ground truth, for caption correctness
+    out["scene"] = example["scene"]
   return out
 
 
@@ -165,7 +167,8 @@ BENCHMARKS = {
 def tfds_name(benchmark: str, variant: str = "official") -> str:
   """The TFDS dataset (name/config:version) a benchmark's task reads, e.g. "nlvr2/shapes:1.0.0"."""
   spec = BENCHMARKS[benchmark]
-  return f"{spec.tfds_name}/{variant}{spec.config_suffix}:1.0.0"
+  version = tfds.builder_cls(spec.tfds_name).VERSION
+  return f"{spec.tfds_name}/{variant}{spec.config_suffix}:{version}"
 
 
 def register_downstream(benchmark: str, variant: str = "official",
