@@ -16,12 +16,12 @@ import json
 import os
 import sys
 
-# (row of the demo's downstream results, metric, target)
-TARGETS = (("VQA/pretrained", "VQA accuracy", 90.0),
-           ("NLVR2/pretrained", "accuracy", 90.0),
-           ("SNLI-VE/pretrained", "accuracy", 90.0),
-           ("captioning/pretrained", "CIDEr", 150.0),
-           ("zero-shot captioning", "CIDEr", 100.0))
+# (row of the demo's downstream results, its task, metric, target)
+TARGETS = (("VQA/pretrained", "shapes_vqa_v2", "VQA accuracy", 90.0),
+           ("NLVR2/pretrained", "shapes_nlvr2", "accuracy", 90.0),
+           ("SNLI-VE/pretrained", "shapes_snli_ve", "accuracy", 90.0),
+           ("captioning/pretrained", "shapes_coco_captions", "CIDEr", 150.0),
+           ("zero-shot captioning", "shapes_coco_captions", "CIDEr", 100.0))
 
 
 def main(argv=None) -> None:
@@ -42,9 +42,7 @@ def main(argv=None) -> None:
   print(f"\nfidelity (shapes world, {args.eval_examples} validation examples each, "
         f"{results['minutes']:.0f} min):")
   print(f"  {'row':<24} {'metric':<13} {'target':>7} {'pretrained':>11} {'from scratch':>13}")
-  for row, metric, target in TARGETS:
-    task = {"VQA": "shapes_vqa_v2", "NLVR2": "shapes_nlvr2", "SNLI-VE": "shapes_snli_ve"}.get(
-        row.split("/")[0], "shapes_coco_captions")
+  for row, task, metric, target in TARGETS:
     value = demo.headline(task, downstream[row])
     scratch = downstream.get(row.replace("pretrained", "scratch")) if "/" in row else None
     scratch_text = f"{demo.headline(task, scratch):>13.1f}" if scratch else f"{'-':>13}"
