@@ -10,6 +10,13 @@ MFU against it. The last line is `key=value` pairs.
 
 With `scan_layers=True` XLA's cost analysis counts a scanned loop body once, so its FLOPs fall
 short of the model count by about the depth; compare the two on unscanned runs.
+
+  python benchmarks/train_step.py --pipeline=shapes [--data_dir=/tmp/shapes_tfds] [--steps=60]
+
+times the train loop itself (`simvlm_jax.train.train` with `gin/runs/demo_pretrain.gin`: the
+shapes world's tf.data pipeline, host-to-device transfer, logging, checkpoint checks) instead of
+the bare step: the median time between the loop's requests for consecutive batches, after the
+first window of steps. It needs TensorFlow and seqio, and builds the shapes data if absent.
 """
 import argparse
 import os
@@ -20,77 +27,65 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simvlm_jax import gin_utils  # noqa: E402
+from simvlm_jax.flops import matmul_peak, train_step_flops  # noqa: E402
 from simvlm_jax.data.synthetic import synthetic_batch  # noqa: E402
 from simvlm_jax.models import ModelConfig  # noqa: E402
 from simvlm_jax.partitioning import Partitioner  # noqa: E402
 from simvlm_jax.trainer import Trainer  # noqa: E402
 
 
-def conv_stage_flops(c: ModelConfig) -> float:
-  """Forward multiply-add FLOPs (x2) of the patchifier for one image."""
-  if c.patchifier == "linear":
-    return 2.0 * c.num_image_tokens * c.patch_size ** 2 * 3 * c.emb_dim
-  flops, size, cin = 0.0, c.image_size // 2, 3
-  flops += 2.0 * size * size * 49 * cin * c.resnet_stem_width
-  size //= 2
-  cin = c.resnet_stem_width
-  for s, (width, blocks) in enumerate(zip(c.resnet_stage_widths, c.resnet_stage_blocks)):
-    mid = width // 4
-    for b in range(blocks):
-      stride = 2 if (s > 0 and b == 0) else 1
-      out = size // stride
-      flops += 2.0 * size * size * cin * mid  # 1x1 (before the stride)
-      flops += 2.0 * out * out * 9 * mid * mid
-      flops += 2.0 * out * out * mid * width
-      if cin != width or stride != 1:
-        flops += 2.0 * out * out * cin * width
-      size, cin = out, width
-  rest = c.patch_size // (4 * 2 ** max(len(c.resnet_stage_widths) - 1, 0))
-  flops += 2.0 * c.num_image_tokens * rest * rest * cin * c.emb_dim
-  return flops
+class _TimedIterator:
+  """A data iterator that records when each batch is asked for (the loop's step boundaries)."""
+
+  def __init__(self, inner):
+    self._inner, self.times = inner, []
+
+  def __next__(self):
+    self.times.append(time.perf_counter())
+    return next(self._inner)
+
+  def __getattr__(self, name):  # save, restore, counters, vocabulary, element_spec
+    return getattr(self._inner, name)
 
 
-def transformer_flops(c: ModelConfig, enc_len: int, dec_len: int) -> float:
-  """Forward FLOPs of the Transformer and the logits for one row (static, padded lengths)."""
-  d, hd, f = c.emb_dim, c.num_heads * c.head_dim, c.mlp_dim
-  if c.architecture == "decoder_only":
-    n = enc_len + dec_len
-    per_layer = 8 * n * d * hd + 4 * n * n * hd + 4 * n * d * f
-    return (c.num_encoder_layers + c.num_decoder_layers) * per_layer + 2.0 * dec_len * d * c.vocab_size
-  enc = 8 * enc_len * d * hd + 4 * enc_len ** 2 * hd + 4 * enc_len * d * f
-  dec = (8 * dec_len * d * hd + 4 * dec_len ** 2 * hd  # self-attention
-         + 4 * dec_len * d * hd + 4 * enc_len * d * hd + 4 * dec_len * enc_len * hd  # cross
-         + 4 * dec_len * d * f)
-  return c.num_encoder_layers * enc + c.num_decoder_layers * dec + 2.0 * dec_len * d * c.vocab_size
+def pipeline_step_time(args, bindings) -> None:
+  """The train loop's steady-state step time on the shapes pipeline (see the module docstring)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from simvlm_jax import console, train  # pylint: disable=import-outside-toplevel
+  from simvlm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from tasks import build  # pylint: disable=import-outside-toplevel
+  console.quiet_native()
+  console.quiet_python()
+  data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "simvlm_shapes_tfds")
+  os.environ["SIMVLM_DATA_DIR"] = data_dir
+  build.main(["--data_dir", data_dir, "shapes", "--train", "2000", "--validation", "64",
+              "--compositional", "64", "--text_train", "4000", "--text_validation", "64"])
+  steps = args.warmup * 10 + args.steps
+  gin_utils.parse_gin(["runs/demo_pretrain.gin"], [
+      f"train.total_steps = {steps}", "train.log_every = 10", f"train.checkpoint_every = {steps}",
+      "train.eval_iterator_fn = None", *bindings])
+  iterators = []
 
-
-def train_step_flops(c: ModelConfig, it_batch: int, it_len: int, txt_batch: int, txt_len: int):
-  """Model FLOPs of one train step: 3x the forward pass (forward + backward)."""
-  image_text = it_batch * (conv_stage_flops(c) + transformer_flops(c, c.num_image_tokens + it_len,
-                                                                   it_len))
-  text = txt_batch * transformer_flops(c, txt_len, txt_len)
-  return 3.0 * (image_text + text)
-
-
-def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
-  """FLOP/s of an n x n x n matmul in `dtype`: the peak to measure MFU against."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2.0 * n ** 3 / min(times)
+  def timed(**kwargs):
+    iterators.append(_TimedIterator(pipeline.make_pretrain_iterator(**kwargs)))
+    return iterators[-1]
+  with tempfile.TemporaryDirectory() as model_dir:
+    train.train(model_dir=model_dir, train_iterator_fn=timed)
+  gaps = np.diff(iterators[0].times)[args.warmup * 10:]  # after the first windows (compilation)
+  step_s = statistics.median(gaps)
+  print(f"shapes pipeline, train loop: median step {step_s * 1e3:.1f} ms over {len(gaps)} steps "
+        f"(mean {np.mean(gaps) * 1e3:.1f} ms)")
+  print(f"pipeline=shapes step_s={step_s:.4f} mean_step_s={np.mean(gaps):.4f} steps={len(gaps)}")
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--pipeline", choices=["synthetic", "shapes"], default="synthetic",
+                 help="shapes: time the train loop on the shapes world's input pipeline")
+  p.add_argument("--data_dir", default=None, help="--pipeline=shapes: TFDS data directory")
   p.add_argument("--model", default="tiny", help="tiny | base | large | huge")
   p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,model")
   p.add_argument("--image_text_batch", type=int, default=32)
@@ -103,6 +98,9 @@ def main():
   args, rest = p.parse_known_args()
   bindings = [a[len("--gin_bindings="):] for a in gin_utils.rewrite_gin_args(rest)
               if a.startswith("--gin_bindings=")]
+  if args.pipeline == "shapes":
+    pipeline_step_time(args, bindings)
+    return
   gin_utils.parse_gin([f"models/simvlm_{args.model}.gin"], bindings)
   config = ModelConfig()
   mesh = tuple(int(x) for x in args.mesh.split(","))

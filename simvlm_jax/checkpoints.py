@@ -160,7 +160,8 @@ class Checkpointer:
     non-finite value raises DivergenceError instead: it would replace good checkpoints (keep-N).
     """
     step = int(jax.device_get(state.step)) if step is None else step
-    if step in self.manager.all_steps() or (not force and step % self.save_every):
+    # The interval first: the loop calls this every step, and listing the steps reads storage.
+    if (not force and step % self.save_every) or step in self.manager.all_steps():
       return False
     if not bool(_all_finite(state)):
       last = self.latest_step()

@@ -41,6 +41,46 @@ DEFAULT_RULES = (
 )
 
 
+def _keys(path) -> Tuple[Any, ...]:
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def _kept_names(shape: Tuple[int, ...], param_shape: Tuple[int, ...],
+                names: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
+  """The names of a parameter's dims that a state leaf keeps: all of them for the same shape,
+  all but one for a factored moment (e.g. Adafactor's row / column statistics); else None."""
+  if tuple(shape) == tuple(param_shape):
+    return tuple(names)
+  if len(shape) == len(param_shape) - 1:
+    for drop in range(len(param_shape)):
+      if tuple(shape) == tuple(param_shape[:drop] + param_shape[drop + 1:]):
+        return tuple(names[:drop] + names[drop + 1:])
+  return None
+
+
+def box_like_params(tree: Any, boxed_params: Any) -> Any:
+  """Logical axis names for optimizer state, from the parameters it tracks.
+
+  Each leaf whose tree path ends with a parameter's path takes that parameter's names (AdamW's
+  moments), or those of the dims it keeps (Adafactor's factored moments); other leaves (step
+  counts, placeholders) stay unnamed, so they are replicated.
+  """
+  is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+  boxes = {_keys(path): box
+           for path, box in jax.tree_util.tree_leaves_with_path(boxed_params, is_leaf=is_box)
+           if is_box(box)}
+
+  def box(path, leaf):
+    keys = _keys(path)
+    for start in range(len(keys)):  # the longest matching path first
+      if keys[start:] in boxes:
+        param = boxes[keys[start:]]
+        names = _kept_names(leaf.shape, param.value.shape, param.names)
+        return param.replace(value=leaf, names=names) if names else leaf
+    return leaf
+  return jax.tree_util.tree_map_with_path(box, tree)
+
+
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> Tuple[int, ...]:
   """Replaces a single -1 in `mesh_shape` by whatever makes the product `num_devices`."""
   shape = list(mesh_shape)
@@ -117,6 +157,11 @@ class Partitioner:
   def data_sharding(self) -> NamedSharding:
     """Leading (batch) dimension over `data` x `fsdp`; the rest replicated."""
     return NamedSharding(self.mesh, P(("data", "fsdp")))
+
+  @property
+  def batch_shards(self) -> int:
+    """How many ways the batch dimension is split (data x fsdp)."""
+    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
   @property
   def replicated(self) -> NamedSharding:

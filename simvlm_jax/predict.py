@@ -45,11 +45,13 @@ class Predictor:
   Args:
     model_dir: a run directory, or one of its `checkpoints/<step>` directories.
     step: the checkpoint step (default: the newest).
+    restore: load the parameters now; False leaves it to `restore()` (the command checks its
+      arguments against the run's config first, so a wrong one is refused in seconds).
   """
 
-  def __init__(self, model_dir: str, step: Optional[int] = None):
-    self.run = run_dir.open_run(model_dir, step)
-    self.config, self.step = self.run.config, self.run.step
+  def __init__(self, model_dir: str, step: Optional[int] = None, restore: bool = True):
+    self.run = run_dir.open_run(model_dir, step, restore=restore)
+    self.config = self.run.config
     task = self.run.setting("make_finetune_iterator.task_name")
     self.benchmark = _benchmark(task) if isinstance(task, str) else None
     self.classifier = self.config.num_classes > 0
@@ -57,6 +59,9 @@ class Predictor:
       raise UserError(f"{self.run.directory} has a classifier head but no {run_dir.ANSWERS_FILE}, "
                       "so its classes have no names")
     self._fns = {}
+
+  def restore(self) -> None:
+    self.run.restore(self.run.step)
 
   @property
   def pairs(self) -> bool:
@@ -188,12 +193,13 @@ def _inputs(predictor: Predictor, f) -> List[tuple]:
 def _predict() -> int:
   f = flags.FLAGS
   console.quiet_python()
-  predictor = Predictor(f.checkpoint_dir, f.step)
+  predictor = Predictor(f.checkpoint_dir, f.step, restore=False)
   prompt = f.prompt if f.prompt is not None else predictor.default_prompt()
   if prompt is None:
     raise UserError(f"this is a {predictor.benchmark} run: give {PROMPT_ROLE[predictor.benchmark]}"
                     " with --prompt")
   examples, size = _inputs(predictor, f), predictor.config.image_size
+  predictor.restore()
   done = failed = 0
   for start in range(0, len(examples), f.batch_size):
     chunk, pixels = [], []

@@ -225,7 +225,7 @@ def open_run(path: str, step: Optional[int] = None, restore: bool = True,
   answers = None
   if (root / ANSWERS_FILE).exists():
     answers = (root / ANSWERS_FILE).read_text().splitlines()
-  run = Run(root, config, SimVLM(config), vocabulary, answers, None, None)
+  run = Run(root, config, SimVLM(config), vocabulary, answers, step, None)  # step: as asked
   if restore:
     run.restore(step)
   return run

@@ -9,7 +9,7 @@ clu, and a console progress line), and checkpoints. The same code runs on 1 CPU 
 """
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import gin
 import jax
@@ -19,7 +19,8 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from simvlm_jax import checkpoints, distributed, gin_utils, objectives, preemption, run_dir
+from simvlm_jax import (checkpoints, distributed, flops, gin_utils, memory, objectives,
+                        preemption, run_dir)
 from simvlm_jax.errors import DivergenceError, UserError, run_main
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
@@ -149,6 +150,70 @@ class NonFiniteGuard:
                           "lower the learning rate or check the data, then resume from it")
 
 
+class ProgressLog:
+  """The console line and TensorBoard scalars of each `log_every` window of steps.
+
+  A window's metrics are read from the device at the next `flush`, which the loop calls once the
+  following step is dispatched, so logging never leaves the device idle. Throughput counts the
+  time between the reads of consecutive windows, each read waiting for the window's last step.
+  """
+
+  def __init__(self, writer: Any, log: Callable[[str], None], data: Any, start: int, end: int,
+               total_steps: int):
+    self.writer, self.log, self.data = writer, log, data
+    self.end, self.total_steps = end, total_steps
+    self.step_flops = self.peak = None  # set by `measure_against`
+    self.metrics, self.examples, self.tokens = [], 0, 0
+    self.closed = None  # (step, metrics, examples, tokens) of a window waiting to be read
+    self.window_start = self.run_start = time.time()
+    self.first_timed_step = start
+
+  def measure_against(self, step_flops: float, peak: float, peak_name: str) -> None:
+    """Model FLOPs of a step and the peak FLOP/s of all devices: MFU goes to TensorBoard as
+    `perf/mfu_<peak_name>`."""
+    self.step_flops, self.peak, self.peak_name = step_flops, peak, peak_name
+
+  def add(self, metrics: dict, batch: Any) -> None:
+    self.metrics.append(metrics)
+    self.examples += _count_rows(batch)
+    self.tokens += _count_tokens(batch)
+
+  def compiled(self, step: int) -> None:
+    """The first step has been dispatched (compiled): the ETA counts from here."""
+    self.first_timed_step, self.run_start = step, time.time()
+
+  def close_window(self, step: int) -> None:
+    self.flush()
+    self.closed = (step, self.metrics, self.examples, self.tokens)
+    self.metrics, self.examples, self.tokens = [], 0, 0
+
+  def flush(self) -> None:
+    if self.closed is None:
+      return
+    done, metrics, examples, tokens = self.closed
+    self.closed = None
+    fetched = jax.device_get(metrics)
+    now = time.time()
+    elapsed = max(now - self.window_start, 1e-9)
+    self.window_start = now
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
+               if k not in _NONFINITE}
+    scalars["nonfinite_steps"] = float(sum(max(m[k] for k in _NONFINITE) for m in fetched))
+    steps = len(fetched)
+    scalars.update({"examples_per_s": examples / elapsed * jax.process_count(),
+                    "tokens_per_s": tokens / elapsed * jax.process_count(),
+                    "perf/step_time_s": elapsed / steps})
+    if self.step_flops and self.peak:
+      scalars[f"perf/mfu_{self.peak_name}"] = self.step_flops * steps / elapsed / self.peak
+    scalars.update({f"data/{k}": v for k, v in self.data.counters().items()})
+    self.writer.write_scalars(done, scalars)
+    rate = (now - self.run_start) / max(done - self.first_timed_step, 1)
+    self.log(f"step {done}/{self.total_steps} | loss {scalars['loss']:.4f} | "
+             f"acc {scalars['accuracy']:.3f} | lr {scalars['learning_rate']:.2e} | "
+             f"gnorm {scalars['grad_norm']:.2f} | {scalars['examples_per_s']:.1f} ex/s | "
+             f"{scalars['tokens_per_s']:.0f} tok/s | eta {_format_eta(rate * (self.end - done))}")
+
+
 # metric -> (what the console calls it, the metric holding its value)
 _NONFINITE = {"nonfinite_loss": ("loss", "loss"), "nonfinite_grad": ("gradient norm", "grad_norm")}
 
@@ -179,6 +244,7 @@ def train(model_dir: str = gin.REQUIRED,
           objective: Callable = objectives.prefix_lm,
           partitioner: Optional[Partitioner] = None,
           seed: int = 0,
+          num_microbatches: int = 1,
           log_every: int = 10,
           checkpoint_every: int = 1000,
           keep_checkpoints: Optional[int] = 3,
@@ -189,6 +255,7 @@ def train(model_dir: str = gin.REQUIRED,
           nonfinite_policy: str = "skip",
           max_consecutive_nonfinite: int = 5,
           resume_data_position: bool = True,
+          profile_steps: Optional[Tuple[int, int]] = None,
           stop_after_step: Optional[int] = None) -> Any:
   """Trains to `total_steps` (resuming from `model_dir`) and returns the final TrainState.
 
@@ -198,6 +265,10 @@ def train(model_dir: str = gin.REQUIRED,
   spans `total_steps`), as a preempted job would. `init_from` (a pretraining model_dir or
   checkpoint) starts a new run from those parameters where they fit (finetuning); a checkpoint of
   this run's own `model_dir` always takes precedence, so a preempted finetuning job resumes.
+  `num_microbatches` accumulates each step's gradient over that many pieces of the global batch
+  (the same update, with the activations of one piece at a time). `profile_steps = (first, last)`
+  writes a `jax.profiler` trace of those steps (counted from 1) into `model_dir` for TensorBoard's
+  profile tab.
 
   Faults: SIGTERM/SIGINT save the step reached and return (see `simvlm_jax.preemption`); a
   checkpoint that cannot be read is skipped and set aside (`Checkpointer.restore_newest_readable`);
@@ -207,6 +278,11 @@ def train(model_dir: str = gin.REQUIRED,
   `resume_data_position=False` resumes the train state alone (e.g. on another number of hosts).
   """
   _check_run_settings(total_steps, log_every, checkpoint_every)
+  if profile_steps is not None and not (
+      len(profile_steps) == 2 and all(isinstance(x, int) for x in profile_steps)
+      and 1 <= profile_steps[0] <= profile_steps[1]):
+    raise UserError(f"train.profile_steps must be (first, last) with 1 <= first <= last, got "
+                    f"{profile_steps!r}")
   model_dir = str(checkpoints.absolute(model_dir))  # relative paths resolve here, once
   init_from = init_from and str(checkpoints.absolute(init_from))
   model_config = model_config or ModelConfig()
@@ -221,7 +297,8 @@ def train(model_dir: str = gin.REQUIRED,
     data = train_iterator_fn(shard_index=jax.process_index(), num_shards=jax.process_count())
     # The objective may need the vocabulary's ids (span corruption's sentinels).
     objective = objectives.for_vocabulary(objective, getattr(data, "vocabulary", None))
-    trainer = Trainer(model_config, partitioner, total_steps, objective=objective, seed=seed)
+    trainer = Trainer(model_config, partitioner, total_steps, objective=objective, seed=seed,
+                      num_microbatches=num_microbatches)
     ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
                                     save_every=checkpoint_every)
     try:
@@ -232,6 +309,7 @@ def train(model_dir: str = gin.REQUIRED,
                          guard=NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite, ckpt,
                                               log),
                          resume_data_position=resume_data_position,
+                         profile=profile_steps and (profile_steps[0] - 1, profile_steps[1]),
                          stop_after_step=stop_after_step)
     finally:
       ckpt.close()
@@ -242,7 +320,8 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
                 model_dir: str, total_steps: int, data: Any, seed: int,
                 log_every: int, eval_iterator_fn: Optional[Callable], eval_every: int,
                 eval_batches: int, init_from: Optional[str], guard: NonFiniteGuard,
-                resume_data_position: bool, stop_after_step: Optional[int]) -> Any:
+                resume_data_position: bool, profile: Optional[Tuple[int, int]],
+                stop_after_step: Optional[int]) -> Any:
   partitioner = trainer.partitioner
   is_main = jax.process_index() == 0
   _write_run_files(model_dir, data, trainer.config, init_from, is_main)
@@ -265,43 +344,42 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
     writer.write_hparams({"total_steps": total_steps, "seed": seed,
                           "mesh": str(dict(partitioner.mesh.shape))})
 
-  pending, window_start, window_examples, window_tokens = [], time.time(), 0, 0
-  run_start, first_step_done = time.time(), start
+  progress = ProgressLog(writer, log, data, start, end, total_steps)
+  tracing = False
   for step in range(start, end):
     batch = next(data)
     if step == start:
       trainer.check_batch(batch)  # a clear error before the compiler meets wrong shapes
-    window_examples += _count_rows(batch)
-    window_tokens += _count_tokens(batch)
+      log(memory.check_fits(memory.train_step_bytes(
+          trainer.config, trainer.abstract_state, batch, jax.process_count(),
+          partitioner.batch_shards, trainer.num_microbatches), memory.device_memory()))
+      progress.measure_against(flops.batch_flops(trainer.config, batch, jax.process_count()),
+                               *_peak(trainer.config, log))
+    if profile and step == profile[0]:  # (steps before the first dispatched, last step)
+      jax.profiler.start_trace(model_dir)
+      tracing = True
     state, metrics = trainer.train_step(state, partitioner.shard_batch(batch))
-    pending.append(metrics)
     done = step + 1
+    # With step `done` queued on the device, read what step `done - 1` left: the host stays a
+    # step ahead and fetches the next batch while the device computes.
+    progress.flush()
+    progress.add(metrics, batch)
     guard.observe(done, metrics)
     if done == start + 1 and is_main:
       (epath.Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
-      first_step_done, run_start = done, time.time()  # ETA excludes compilation.
+      progress.compiled(done)
     if done % log_every == 0 or done == end:
-      fetched = jax.device_get(pending)
-      scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]
-                 if k not in _NONFINITE}
-      scalars["nonfinite_steps"] = float(sum(max(m[k] for k in _NONFINITE) for m in fetched))
-      elapsed = max(time.time() - window_start, 1e-9)
-      scalars.update({"examples_per_s": window_examples / elapsed * jax.process_count(),
-                      "tokens_per_s": window_tokens / elapsed * jax.process_count()})
-      scalars.update({f"data/{k}": v for k, v in data.counters().items()})
-      writer.write_scalars(done, scalars)
-      rate = (time.time() - run_start) / max(done - first_step_done, 1)
-      log(f"step {done}/{total_steps} | loss {scalars['loss']:.4f} | "
-          f"acc {scalars['accuracy']:.3f} | lr {scalars['learning_rate']:.2e} | "
-          f"gnorm {scalars['grad_norm']:.2f} | {scalars['examples_per_s']:.1f} ex/s | "
-          f"{scalars['tokens_per_s']:.0f} tok/s | eta {_format_eta(rate * (end - done))}")
-      pending, window_start, window_examples, window_tokens = [], time.time(), 0, 0
+      progress.close_window(done)
+    if tracing and done == profile[1]:
+      tracing = _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
     if eval_iterator_fn is not None and eval_every and (done % eval_every == 0 or done == end):
+      progress.flush()
       scores = evaluate(trainer, state.params, eval_iterator_fn, eval_batches)
       writer.write_scalars(done, scores)
       log(f"step {done} | " + " | ".join(
           f"{k} {v:.0f}" if k == "eval/examples" else f"{k} {v:.4f}" for k, v in scores.items()))
     if watcher.reached(done):
+      progress.flush()
       guard.flush()
       ckpt.save(state, data, force=True, step=done)
       ckpt.wait()
@@ -311,10 +389,38 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
       break
     if not guard.in_streak or done == end:
       ckpt.save(state, data, force=(done == end), step=done)
+  if tracing:  # the run stopped inside the window
+    _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
+  progress.flush()
   guard.flush()
   writer.flush()
   writer.close()
   return state
+
+
+def _stop_trace(state: Any, steps: str, model_dir: str, log: Callable[[str], None]) -> bool:
+  jax.block_until_ready(state)
+  jax.profiler.stop_trace()
+  log(f"profiled steps {steps}: {model_dir}/plugins/profile (TensorBoard's profile tab)")
+  return False
+
+
+def _peak(config: ModelConfig, log: Callable[[str], None]) -> Tuple[float, str]:
+  """Peak FLOP/s of all devices for MFU, and its name: the datasheet bf16 peak of a known
+  accelerator, else a float matmul timed here (CPU devices of a host share its cores: one
+  measurement per host)."""
+  device = jax.devices()[0]
+  nominal = flops.nominal_peak(device.device_kind)
+  if nominal:
+    log(f"MFU against the nominal bf16 peak of {device.device_kind}: {nominal / 1e12:.0f} "
+        f"TFLOP/s x {jax.device_count()} devices")
+    return nominal * jax.device_count(), "nominal_bf16_peak"
+  on_cpu = device.platform == "cpu"
+  measured = flops.matmul_peak(config.compute_dtype, 1024 if on_cpu else 4096, repeats=3)
+  units = jax.process_count() if on_cpu else jax.device_count()
+  log(f"MFU against a {config.dtype} matmul peak measured here: {measured / 1e12:.3f} TFLOP/s x "
+      f"{units} {'hosts' if on_cpu else 'devices'}")
+  return measured * units, "measured_peak"
 
 
 def _write_run_files(model_dir: str, data: Any, config: ModelConfig, init_from: Optional[str],

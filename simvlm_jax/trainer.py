@@ -19,7 +19,7 @@ import optax
 from simvlm_jax import objectives
 from simvlm_jax.errors import UserError
 from simvlm_jax.models import ModelConfig, SimVLM
-from simvlm_jax.partitioning import Partitioner
+from simvlm_jax.partitioning import Partitioner, box_like_params
 
 Array = jax.Array
 Metrics = Dict[str, Array]
@@ -56,15 +56,54 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def with_state_dtype(tx: optax.GradientTransformation, dtype: Any) -> optax.GradientTransformation:
+  """`tx` with its floating-point state stored in `dtype` (e.g. bfloat16 moments: half the
+  bytes) and its update computed in float32."""
+  def cast(tree, to):
+    return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+  return optax.GradientTransformation(lambda params: cast(tx.init(params), dtype), update)
+
+
 @gin.configurable
-def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.999,
-                   weight_decay: float = 0.01, clip_norm: Optional[float] = 1.0,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-  """AdamW with global-norm gradient clipping (the paper's betas and decay)."""
+def make_optimizer(schedule: optax.Schedule, name: str = "adamw", b1: float = 0.9,
+                   b2: float = 0.999, weight_decay: float = 0.01, clip_norm: Optional[float] = 1.0,
+                   eps: float = 1e-8, state_dtype: Optional[str] = None,
+                   adafactor_decay_rate: float = 0.8, adafactor_min_dim_to_factor: int = 32,
+                   adafactor_parameter_scale: bool = True) -> optax.GradientTransformation:
+  """Global-norm gradient clipping, then AdamW (the paper's) or Adafactor (t5x's default).
+
+  Adafactor keeps factored second moments (for a tensor whose two largest dims are both >=
+  `adafactor_min_dim_to_factor`, its statistics summed over each of them: 32 lets the
+  `[embed, heads, head_dim]` attention kernels factor as t5x's 2D ones do) and no first moment, so its state is a small fraction of
+  the parameters where AdamW's is twice them; with `adafactor_parameter_scale` its steps are
+  relative to each parameter's RMS (it wants a learning rate near 1e-2; see
+  gin/optimizers/adafactor.gin). `state_dtype="bfloat16"` stores either one's state in bfloat16.
+  Weight decay skips norms, biases and other vectors in both.
+  """
   chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=_decay_mask))
-  return optax.chain(*chain)
+  if name == "adamw":
+    chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mask=_decay_mask))
+  elif name == "adafactor":
+    chain.append(optax.adafactor(
+        schedule, min_dim_size_to_factor=adafactor_min_dim_to_factor,
+        decay_rate=adafactor_decay_rate, multiply_by_parameter_scale=adafactor_parameter_scale,
+        clipping_threshold=1.0, weight_decay_rate=weight_decay or None,
+        weight_decay_mask=_decay_mask))
+  else:
+    raise UserError(f"make_optimizer.name must be 'adamw' or 'adafactor', got {name!r}")
+  tx = optax.chain(*chain)
+  if state_dtype is not None:
+    if state_dtype not in ("bfloat16", "float32"):
+      raise UserError(f"make_optimizer.state_dtype must be 'bfloat16', 'float32' or None, got "
+                      f"{state_dtype!r}")
+    tx = with_state_dtype(tx, jnp.dtype(state_dtype))
+  return tx
 
 
 def dummy_batch(config: ModelConfig, it_batch: int, it_len: int, txt_batch: int, txt_len: int):
@@ -76,13 +115,17 @@ def dummy_batch(config: ModelConfig, it_batch: int, it_len: int, txt_batch: int,
           "text": {"text_tokens": z(txt_batch, txt_len)}}
 
 
-def split_batch(batch: Any, seed: int, step: Array, objective: Callable) -> Dict[str, dict]:
+def split_batch(batch: Any, seed: int, step: Array, objective: Callable,
+                microbatch: Tuple[Any, int] = (0, 1)) -> Dict[str, dict]:
   """Turns each sub-batch into model inputs and targets.
 
   Pretraining sub-batches (`text_tokens`) are split by the objective, rows indexed image-text
-  first, then text; finetuning sub-batches come split already (`prefix_tokens` with
+  first, then text, by their index in the global batch: `batch` may be microbatch `i` of
+  `microbatch = (i, count)`, whose row j is global row j * count + i of its kind (see
+  `microbatches`). Finetuning sub-batches come split already (`prefix_tokens` with
   `target_tokens`, or with `class_scores` for a classifier). Images, when present, ride along.
   """
+  index, count = microbatch
   out = {}
   offset = 0
   for kind in sorted(batch, key=lambda k: k != "image_text"):
@@ -91,9 +134,9 @@ def split_batch(batch: Any, seed: int, step: Array, objective: Callable) -> Dict
       rows = sub["text_tokens"].shape[0]
       if not rows:
         continue
-      keys = objectives.row_keys(seed, step, offset + jnp.arange(rows))
+      keys = objectives.row_keys(seed, step, offset + jnp.arange(rows) * count + index)
       out[kind] = objective(sub["text_tokens"], keys, with_image=(kind == "image_text"))
-      offset += rows
+      offset += rows * count
     elif "target_tokens" in sub:
       out[kind] = objectives.seq2seq(sub["prefix_tokens"], sub["target_tokens"])
     else:
@@ -147,23 +190,73 @@ def _sums(model, params, splits, rng) -> Dict[str, Array]:
   return sums
 
 
+def microbatches(batch: Any, count: int) -> Any:
+  """`[rows, ...]` leaves -> `[count, rows / count, ...]`: microbatch i holds rows i, i + count, ...
+
+  Strided rather than contiguous: a device's rows of the batch split evenly over the microbatches,
+  so no microbatch moves rows between devices.
+  """
+  def split(x):
+    if x.shape[0] % count:
+      raise UserError(f"train.num_microbatches = {count} does not divide a sub-batch of "
+                      f"{x.shape[0]} rows: choose batch sizes it divides")
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _grads_and_sums(model: SimVLM, params, batch: Any, *, seed: int, step: Array,
+                    objective: Callable, dropout_rng: Array, num_microbatches: int):
+  """Gradient of the mean token loss and the `_sums` of the whole batch, in `num_microbatches`
+  sequential pieces whose summed losses and gradients are normalised once at the end, so the
+  result equals the one-piece step (same draws: they are keyed by global row)."""
+  if num_microbatches == 1:
+    splits = split_batch(batch, seed, step, objective)
+
+    def loss_fn(p):
+      sums = _sums(model, p, splits, dropout_rng)
+      return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
+    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, sums
+
+  stacked = microbatches(batch, num_microbatches)
+
+  def piece(micro, index):
+    splits = split_batch(micro, seed, step, objective, microbatch=(index, num_microbatches))
+
+    def loss_sum_fn(p):
+      sums = _sums(model, p, splits, jax.random.fold_in(dropout_rng, index))
+      return sums["loss_sum"], sums
+    (_, sums), grads = jax.value_and_grad(loss_sum_fn, has_aux=True)(params)
+    return grads, sums
+
+  def accumulate(total, xs):
+    return jax.tree.map(jnp.add, total, piece(*xs)), None
+
+  shapes = jax.eval_shape(piece, jax.tree.map(lambda x: x[0], stacked), 0)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (grads, sums), _ = jax.lax.scan(accumulate, zeros, (stacked, jnp.arange(num_microbatches)))
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
+  return grads, sums
+
+
 def train_step(state: TrainState, batch: Any, *, model: SimVLM, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, objective: Callable, seed: int) -> Tuple[TrainState, Metrics]:
+               schedule: optax.Schedule, objective: Callable, seed: int,
+               num_microbatches: int = 1) -> Tuple[TrainState, Metrics]:
   """One optimizer step. Loss = mean cross-entropy over all real target tokens of both row kinds.
 
+  `num_microbatches` > 1 accumulates the gradient over that many sequential pieces of the batch
+  (gradient accumulation: the activations of one piece at a time), the same update up to float
+  summation order.
   A step whose loss or gradient norm is not finite changes neither the parameters nor the
   optimizer state (only the step advances, so the next batch and draws follow as usual); the
   metrics `nonfinite_loss` / `nonfinite_grad` (0 or 1) say so, and the loop applies its policy.
   """
-  splits = split_batch(batch, seed, state.step, objective)
   step_key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
   dropout_rng = jax.random.fold_in(step_key, DROPOUT_STREAM)
-
-  def loss_fn(params):
-    sums = _sums(model, params, splits, dropout_rng)
-    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
-
-  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads, sums = _grads_and_sums(model, state.params, batch, seed=seed, step=state.step,
+                                objective=objective, dropout_rng=dropout_rng,
+                                num_microbatches=num_microbatches)
+  loss = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -177,7 +270,7 @@ def train_step(state: TrainState, batch: Any, *, model: SimVLM, tx: optax.Gradie
              "target_tokens": sums["weight_sum"],
              "nonfinite_loss": (~jnp.isfinite(loss)).astype(jnp.int32),
              "nonfinite_grad": (~jnp.isfinite(grad_norm)).astype(jnp.int32)}
-  for kind in splits:
+  for kind in sorted(k[:-len("/loss_sum")] for k in sums if k.endswith("/loss_sum")):
     metrics[f"{kind}/loss"] = sums[f"{kind}/loss_sum"] / jnp.maximum(sums[f"{kind}/weight_sum"], 1.)
   return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -225,8 +318,14 @@ class Trainer:
   """Builds sharded state and the jitted, donated train/eval steps for one model and mesh."""
 
   def __init__(self, config: ModelConfig, partitioner: Partitioner, total_steps: int,
-               objective: Callable = objectives.prefix_lm, seed: int = 0):
+               objective: Callable = objectives.prefix_lm, seed: int = 0,
+               num_microbatches: int = 1):
+    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or (
+        num_microbatches < 1):
+      raise UserError(f"train.num_microbatches must be a positive integer, got "
+                      f"{num_microbatches!r}")
     self.config = config
+    self.num_microbatches = num_microbatches
     self.model = SimVLM(config)
     self.partitioner = partitioner
     self.seed = seed
@@ -235,7 +334,8 @@ class Trainer:
     self.objective = objective
     self.state_shardings = self.partitioner.shardings_for(self._abstract_boxed_state())
     step_fn = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
-                                objective=objective, seed=seed)
+                                objective=objective, seed=seed,
+                                num_microbatches=num_microbatches)
     data = partitioner.data_sharding
     self._train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, data),
                                out_shardings=(self.state_shardings, partitioner.replicated),
@@ -246,7 +346,8 @@ class Trainer:
 
   def _init_boxed(self, rng):
     params = init_params(self.model, self.config, rng)
-    return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+    opt_state = box_like_params(self.tx.init(nn.meta.unbox(params)), params)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
   def _abstract_boxed_state(self):
     with self.partitioner.activate():
@@ -279,8 +380,22 @@ class Trainer:
     check_batch(self.config, host_batch)
 
   def train_step(self, state: TrainState, global_batch: Any) -> Tuple[TrainState, Metrics]:
+    if self.num_microbatches > 1:
+      self._check_microbatches(global_batch)
     with self.partitioner.activate():
       return self._train_step(state, global_batch)
+
+  def _check_microbatches(self, global_batch: Any) -> None:
+    """Each microbatch must split evenly over the batch shards: XLA pads an uneven split, and the
+    padding rows corrupt gradients (measured: a 0.1% wrong gradient norm on a 2x2x2 mesh)."""
+    count, shards = self.num_microbatches, self.partitioner.batch_shards
+    for kind, sub in global_batch.items():
+      rows = jax.tree.leaves(sub)[0].shape[0]
+      if rows % (count * shards):
+        raise UserError(
+            f"train.num_microbatches = {count} leaves the {rows} {kind} rows of a step in pieces "
+            f"that do not split over the mesh's {shards} batch shards (data x fsdp): make each "
+            f"sub-batch a multiple of {count * shards} rows, or use fewer microbatches")
 
   def eval_step(self, params, global_batch: Any) -> Metrics:
     with self.partitioner.activate():

@@ -43,6 +43,37 @@ def make_tiny_config(**overrides) -> ModelConfig:
   return ModelConfig(**{**TINY, **overrides})
 
 
+# A small corpus for SentencePiece models trained in tests.
+SENTENCES = [f"a {size} {colour} {shape} is left of a {shape}" for size in ("small", "large")
+             for colour in ("red", "green", "blue") for shape in ("circle", "square", "triangle")]
+
+
+def write_run(tmp_path, tiny_config, model_path, vocab_size=300):
+  """A finished run directory `tmp_path/run` (config.gin as train writes it, the vocabulary, an
+  initial train state saved as checkpoint 7). Returns (model_dir, its params on the host)."""
+  # pylint: disable=import-outside-toplevel
+  import gin
+  import jax
+  import seqio
+  from simvlm_jax import checkpoints, run_dir
+  from simvlm_jax.partitioning import Partitioner
+  from simvlm_jax.trainer import Trainer
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  config = tiny_config(vocab_size=vocab_size)
+  gin.clear_config()
+  gin.parse_config([f"ModelConfig.{k} = {v!r}" for k, v in vars(config).items()])
+  run_dir.write_vocabulary(str(model_dir), seqio.SentencePieceVocabulary(model_path))
+  (model_dir / "config.gin").write_text(run_dir.config_text(str(model_dir)))
+  gin.clear_config()
+  trainer = Trainer(config, Partitioner((1, 1, 1), devices=jax.devices()[:1]), total_steps=1)
+  state = trainer.init_state()
+  ckpt = checkpoints.Checkpointer(str(model_dir / "checkpoints"))
+  ckpt.save(state, force=True, step=7)
+  ckpt.close()
+  return model_dir, jax.device_get(state.params)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
   """`tiny_config(**overrides) -> ModelConfig`: emb 32, 4x8 heads, mlp 64, 2+2 layers, 32px images."""

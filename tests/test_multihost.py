@@ -49,6 +49,9 @@ TIMEOUT_S = 600
 EVAL = ["train.eval_iterator_fn = @eval/SyntheticIterator",
         "eval/SyntheticIterator.num_examples = 9", f"train.eval_every = {STEPS}"]
 
+# The same global batch in two sequential pieces, on another mesh: the same run up to float order.
+MICROBATCHES = ["train.num_microbatches = 2", "Partitioner.mesh_shape = (4, 1, 2)"]
+
 
 def _command(model_dir, extra=()):
   return [sys.executable, "-m", "simvlm_jax.train", "--import_modules=", f"--gin_file={GIN_FILE}",
@@ -155,13 +158,15 @@ def _wait_pair(procs):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """One process with 8 devices and two with 4 each, the same run (with an eval at the end)."""
+  """One process with 8 devices and two with 4 each, the same run (with an eval at the end); the
+  two-process run takes each step in two microbatches on a data 4 x model 2 mesh."""
   tmp = tmp_path_factory.mktemp("runs")
   single, multi = str(tmp / "single"), str(tmp / "multi")
   procs = [subprocess.Popen(_command(single, EVAL), cwd=REPO, env=_env(8),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
   single_out, = _wait_all(procs)
-  multi_out0, multi_out1 = _wait_pair(_start_pair(multi, f"127.0.0.1:{_free_port()}", EVAL))
+  multi_out0, multi_out1 = _wait_pair(_start_pair(multi, f"127.0.0.1:{_free_port()}",
+                                                     [*EVAL, *MICROBATCHES]))
   return single, multi, (single_out, multi_out0, multi_out1)
 
 
@@ -174,6 +179,8 @@ def test_two_processes_match_one(runs):
   assert _progress_steps(multi_out1) == []
   for name in ("config.gin", "operative_config.gin"):
     assert os.path.isfile(os.path.join(multi, name))
+  with open(os.path.join(multi, "operative_config.gin")) as f:
+    assert "train.num_microbatches = 2" in f.read()  # the pieces were really taken
 
   expected, got = _scalars(single), _scalars(multi)
   for tag in ("loss", "accuracy", "grad_norm", "learning_rate", "image_text/loss", "text/loss"):
@@ -200,13 +207,18 @@ def test_two_processes_match_one(runs):
   trainer = Trainer(_model_config(), Partitioner(mesh_shape=(2, 2, 2)), STEPS)
   state, reference = _restore(multi, trainer), _restore(single, trainer)
   assert int(state.step) == STEPS
-  # Really resharded: the runs' fsdp and model axes were 1 wide; here the table is split 2 x 2.
+  # Really resharded: the runs' fsdp axes were 1 wide; here the table is split 2 x 2.
   assert state.params["token_embed"]["embedding"].sharding.spec == P("model", "fsdp")
   got_params, expected_params = jax.device_get(state.params), jax.device_get(reference.params)
   assert len(jax.tree.leaves(got_params)) > 10
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_params,
-               expected_params)
   initial = jax.device_get(trainer.init_state().params)
+  # Microbatches and the model axis sum in another order, and Adam's normalised update turns the
+  # rounding of near-zero gradients into parameter differences of up to about 1e-4 after 12 steps:
+  # every tensor must land within 1% of the distance it travelled from its initial value.
+  def close(path, got, want, start):
+    travelled = np.linalg.norm(want - start)
+    assert np.linalg.norm(got - want) <= 0.01 * travelled + 1e-7, jax.tree_util.keystr(path)
+  jax.tree_util.tree_map_with_path(close, got_params, expected_params, initial)
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(got_params),
                                                      jax.tree.leaves(initial)))
 
@@ -336,7 +348,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
   ends with the parameters of the uninterrupted 2-process run, bit for bit."""
   _, reference, _ = runs
   model_dir = str(tmp_path / "preempted")
-  procs = _start_pair(model_dir, f"127.0.0.1:{_free_port()}")
+  procs = _start_pair(model_dir, f"127.0.0.1:{_free_port()}", MICROBATCHES)  # as the reference
   deadline = time.time() + TIMEOUT_S
   while True:  # SIGTERM to process 1 once process 0 has logged step 2.
     procs[0].log.seek(0)
@@ -357,7 +369,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
     with open(os.path.join(model_dir, "checkpoints", str(step), "data", f"process_{pid}.json")) as f:
       assert json.load(f) == {"position": step}
 
-  log0, _ = _wait_pair(_start_pair(model_dir, f"127.0.0.1:{_free_port()}"))
+  log0, _ = _wait_pair(_start_pair(model_dir, f"127.0.0.1:{_free_port()}", MICROBATCHES))
   assert f"resumed from checkpoint {step}" in log0
   assert _progress_steps(log0) == list(range(step + 1, STEPS + 1))
   trainer = Trainer(_model_config(), Partitioner(mesh_shape=(-1, 1, 1)), STEPS)

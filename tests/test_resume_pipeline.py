@@ -29,7 +29,9 @@ def _command(model_dir, every=EVERY):
           f"--gin.train.model_dir='{model_dir}'", f"--gin.train.total_steps={STEPS}",
           f"--gin.train.checkpoint_every={every}", "--gin.train.keep_checkpoints=100",
           "--gin.train.log_every=1", "--gin.train.eval_iterator_fn=None",
-          "--gin.ModelConfig.num_encoder_layers=1", "--gin.ModelConfig.num_decoder_layers=1"]
+          "--gin.ModelConfig.num_encoder_layers=1", "--gin.ModelConfig.num_decoder_layers=1",
+          # 8 + 2 rows: the pipeline, its position and the kills are what is tested, not the batch.
+          "--gin.IMAGE_TEXT_BATCH_SIZE=8", "--gin.TEXT_BATCH_SIZE=2"]
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 import seqio
 
-from simvlm_jax import checkpoints, run_dir
+from conftest import SENTENCES, write_run
+from simvlm_jax import run_dir
 from simvlm_jax.data import vocab
 from simvlm_jax.errors import UserError
-from simvlm_jax.partitioning import Partitioner
-from simvlm_jax.trainer import Trainer
-
-SENTENCES = [f"a {size} {colour} {shape} is left of a {shape}" for size in ("small", "large")
-             for colour in ("red", "green", "blue") for shape in ("circle", "square", "triangle")]
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +24,11 @@ def spm_models(tmp_path_factory):
   return first, second
 
 
-def _run(tmp_path, tiny_config, model_path, vocab_size=300):
-  """A finished run directory: config.gin (as train writes it), vocabulary, one checkpoint."""
-  model_dir = tmp_path / "run"
-  model_dir.mkdir()
-  config = tiny_config(vocab_size=vocab_size)
-  gin.clear_config()
-  gin.parse_config([f"ModelConfig.{k} = {v!r}" for k, v in vars(config).items()])
-  run_dir.write_vocabulary(str(model_dir), seqio.SentencePieceVocabulary(model_path))
-  (model_dir / "config.gin").write_text(run_dir.config_text(str(model_dir)))
-  gin.clear_config()
-  trainer = Trainer(config, Partitioner((1, 1, 1), devices=jax.devices()[:1]), total_steps=1)
-  state = trainer.init_state()
-  ckpt = checkpoints.Checkpointer(str(model_dir / "checkpoints"))
-  ckpt.save(state, force=True, step=7)
-  ckpt.close()
-  return model_dir, jax.device_get(state.params)
-
-
 def test_a_run_carries_its_vocabulary_and_opens_anywhere(spm_models, tmp_path, tiny_config,
                                                           monkeypatch):
   original = tmp_path / "my.model"
   shutil.copy(spm_models[0], original)
-  model_dir, params = _run(tmp_path, tiny_config, str(original), vocab_size=320)
+  model_dir, params = write_run(tmp_path, tiny_config, str(original), vocab_size=320)
   assert (model_dir / "vocabulary.model").read_bytes() == original.read_bytes()
   assert json.loads((model_dir / "vocabulary.json").read_text()) == {
       "extra_ids": 0, "size": 300, "source": str(original)}
@@ -81,7 +59,7 @@ def test_vocabulary_mismatches_are_caught_before_training(spm_models, tmp_path, 
   with pytest.raises(UserError, match=r"^the vocabulary has 300 ids but the model embeds only "
                      r"299 \(ModelConfig.vocab_size\): set VOCAB_SIZE to at least 300"):
     run_dir.check_vocabulary(vocabulary, tiny_config(vocab_size=299))
-  model_dir, _ = _run(tmp_path, tiny_config, spm_models[0])
+  model_dir, _ = write_run(tmp_path, tiny_config, spm_models[0])
   run_dir.write_vocabulary(str(model_dir), vocabulary)  # a resumed run, same vocabulary: fine
   with pytest.raises(UserError, match="a run cannot change its vocabulary"):
     run_dir.write_vocabulary(str(model_dir), seqio.SentencePieceVocabulary(spm_models[1]))
@@ -93,7 +71,7 @@ def test_vocabulary_mismatches_are_caught_before_training(spm_models, tmp_path, 
 
 def test_finetuning_inherits_the_vocabulary_unless_one_is_bound(spm_models, tmp_path,
                                                                  tiny_config):
-  model_dir, _ = _run(tmp_path, tiny_config, spm_models[0])
+  model_dir, _ = write_run(tmp_path, tiny_config, spm_models[0])
   gin.clear_config()
   assert run_dir.inherit_vocabulary(str(model_dir / "checkpoints" / "7")) == str(
       model_dir / "vocabulary.model")

@@ -153,19 +153,32 @@ def test_bad_gin_binding_fails_before_training(tmp_path):
 def test_gin_train_loop_writes_config_metrics_and_checkpoints(tmp_path, capsys):
   model_dir = str(tmp_path / "run")
   _parse([f"train.model_dir = '{model_dir}'", "train.total_steps = 4", "train.log_every = 2",
-          "train.checkpoint_every = 2", "SyntheticIterator.text_batch = 8"])
+          "train.checkpoint_every = 2", "SyntheticIterator.text_batch = 8",
+          "train.profile_steps = (2, 3)"])
   state = train.train()  # on all 8 devices: (data=8, fsdp=1, model=1)
   gin.clear_config()
   assert int(state.step) == 4
   out = capsys.readouterr().out
   assert "step 2/4 | loss" in out and "eta" in out and "ex/s" in out and "tok/s" in out
+  # The profile window, where TensorBoard's profile plugin looks for it.
+  assert f"profiled steps 2-3: {model_dir}/plugins/profile (TensorBoard's profile tab)" in out
+  assert glob.glob(os.path.join(model_dir, "plugins", "profile", "*", "*.xplane.pb"))
+  assert "MFU against a float32 matmul peak measured here: " in out
   assert sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[:2] == ["2", "4"]
   config = open(os.path.join(model_dir, "config.gin")).read()
   assert "train.total_steps = 4" in config
   assert "ModelConfig.emb_dim = 128" in open(os.path.join(model_dir, "operative_config.gin")).read()
-  tags = set()
+  scalars = {}
   for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
     for event in tf.compat.v1.train.summary_iterator(path):
-      tags.update(v.tag for v in event.summary.value)
-  assert {"loss", "accuracy", "learning_rate", "grad_norm", "examples_per_s",
-          "tokens_per_s"} <= tags
+      for v in event.summary.value:
+        if v.metadata.plugin_data.plugin_name == "scalars":
+          scalars.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+  assert {"loss", "accuracy", "learning_rate", "grad_norm", "examples_per_s", "tokens_per_s",
+          "perf/step_time_s", "perf/mfu_measured_peak"} <= set(scalars)
+  # Live efficiency: a window's step time and the MFU it implies, both from the same clock.
+  for step in (2, 4):
+    step_s, mfu = scalars["perf/step_time_s"][step], scalars["perf/mfu_measured_peak"][step]
+    assert 0 < step_s < 60 and 0 < mfu < 1
+    rows = scalars["examples_per_s"][step] * step_s
+    assert rows == pytest.approx(8 + 8, rel=1e-3)  # 8 image-text + 8 text rows a step

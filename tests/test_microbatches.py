@@ -1,0 +1,85 @@
+"""Gradient accumulation (`train.num_microbatches`): the same step as one big batch, on a mesh."""
+import jax
+import numpy as np
+import pytest
+
+from simvlm_jax import objectives
+from simvlm_jax.data.synthetic import SyntheticIterator
+from simvlm_jax.errors import UserError
+from simvlm_jax.partitioning import Partitioner
+from simvlm_jax.trainer import Trainer, microbatches, split_batch
+
+MESH = (2, 2, 2)  # data x fsdp x model over the 8 forced CPU devices
+
+
+def _batches(config, steps):
+  data = SyntheticIterator(image_text_batch=32, image_text_length=12, text_batch=16,
+                           text_length=16, image_size=config.image_size,
+                           vocab_size=config.vocab_size)
+  return [next(data) for _ in range(steps)]
+
+
+def _train(config, batches, num_microbatches):
+  partitioner = Partitioner(MESH)
+  trainer = Trainer(config, partitioner, total_steps=10, num_microbatches=num_microbatches)
+  state = trainer.init_state()
+  initial = jax.device_get(state.params)
+  history = []
+  for batch in batches:
+    state, metrics = trainer.train_step(state, partitioner.shard_batch(batch))
+    history.append(jax.device_get(metrics))
+  return initial, jax.device_get(state.params), history
+
+
+@pytest.fixture(scope="module")
+def one_piece(tiny_config):
+  config = tiny_config()
+  batches = _batches(config, 2)
+  return config, batches, _train(config, batches, 1)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_accumulated_step_equals_the_one_batch_step(one_piece, count):
+  config, batches, (initial, params, history) = one_piece
+  _, got_params, got = _train(config, batches, count)
+  for step, (want, have) in enumerate(zip(history, got)):
+    assert set(have) == set(want)
+    for name in ("loss", "accuracy", "grad_norm", "target_tokens", "image_text/loss", "text/loss"):
+      np.testing.assert_allclose(have[name], want[name], rtol=2e-5, err_msg=f"{name} @ {step}")
+  # It trained (the comparison is not vacuous): the token embeddings moved.
+  moved = np.abs(params["token_embed"]["embedding"] - initial["token_embed"]["embedding"])
+  assert moved.max() > 1e-4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got_params,
+               params)
+
+
+def test_microbatch_rows_keep_their_global_prefix_lm_draws():
+  tokens = np.zeros((8, 10), np.int32)
+  tokens[:, :9] = np.arange(1, 10)  # 9 real tokens per row: many possible split points
+  text = np.arange(1, 11)[None].repeat(4, 0).astype(np.int32)
+  batch = {"image_text": {"text_tokens": tokens}, "text": {"text_tokens": text}}
+  step = np.int32(3)
+  whole = split_batch(batch, 0, step, objectives.prefix_lm)
+  stacked = microbatches(batch, 4)
+  for i in range(4):
+    piece = split_batch(jax.tree.map(lambda x: x[i], stacked), 0, step, objectives.prefix_lm,
+                        microbatch=(i, 4))
+    for kind in whole:
+      for key, value in piece[kind].items():
+        np.testing.assert_array_equal(value, whole[kind][key][i::4], err_msg=f"{kind}/{key}")
+  prefixes = np.sum(whole["image_text"]["prefix_tokens"] > 0, axis=1)
+  assert len(set(prefixes.tolist())) > 1  # the draws differ per row, so the check has teeth
+
+
+def test_microbatches_that_do_not_split_evenly_are_refused(tiny_config):
+  config = tiny_config()
+  batch = _batches(config, 1)[0]  # 32 image-text rows, 16 text rows
+  partitioner = Partitioner(MESH)  # 4 batch shards
+  trainer = Trainer(config, partitioner, total_steps=10, num_microbatches=8)
+  with pytest.raises(UserError, match="num_microbatches = 8 leaves the 16 text rows of a step in "
+                     "pieces that do not split over the mesh's 4 batch shards"):
+    trainer.train_step(trainer.init_state(), partitioner.shard_batch(batch))
+  with pytest.raises(UserError, match="num_microbatches = 3 does not divide a sub-batch of 32"):
+    microbatches(batch, 3)
+  with pytest.raises(UserError, match="must be a positive integer, got 0"):
+    Trainer(config, partitioner, total_steps=10, num_microbatches=0)
