@@ -37,12 +37,15 @@ _LIBJPEG = re.compile(rb"^(Improper call to JPEG library in state \d+|Corrupt JP
                       rb"Premature end of JPEG file)")
 # pycocoevalcap's Java tokenizer reports its speed on stderr at every caption scoring.
 _PTB_TOKENIZER = re.compile(rb"^PTBTokenizer tokenized \d+ tokens at ")
+# Gloo (CPU collectives across processes) prints its connections, on stdout (see `own_stdout`).
+_GLOO = re.compile(rb"^\[Gloo\] Rank \d+")
 
 
 def is_library_noise(line: bytes) -> bool:
   """Whether a stderr line is library logging that the quiet console drops (a dropped log
   message's indented continuation lines are dropped with it, see `quiet_native`)."""
-  if line.startswith(_BANNER) or _LIBJPEG.match(line) or _PTB_TOKENIZER.match(line):
+  if (line.startswith(_BANNER) or _LIBJPEG.match(line) or _PTB_TOKENIZER.match(line)
+      or _GLOO.match(line)):
     return True
   match = _NATIVE_LINE.match(line)
   if not match:
@@ -84,6 +87,19 @@ def quiet_native() -> None:
       pass
     os.dup2(terminal, 2)  # closes our write end of the pipe: the filter reads to its end
     thread.join(timeout=5)
+
+
+def own_stdout() -> None:
+  """Keeps stdout for the program's own output: Python's `sys.stdout` keeps the terminal, and file
+  descriptor 1, where C++ libraries print (Gloo's connection lines in a multi-process CPU run),
+  goes to stderr and its filter. For commands whose stdout is data (`predict --format=json`)."""
+  if getattr(own_stdout, "installed", False):
+    return
+  own_stdout.installed = True
+  sys.stdout.flush()
+  terminal = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(terminal, "w", buffering=1)
 
 
 _PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)

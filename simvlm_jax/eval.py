@@ -25,7 +25,10 @@ merged with earlier runs), `predictions_<step>.jsonl` (one line per example), `r
 pretraining run works the same way: `--gin.evaluate.task="'shapes_coco_captions'"` on its
 model_dir (the prompt is the caption task's "a picture of").
 
-Evaluation runs on one process and one device (a multi-host sweep would shard the examples).
+By default evaluation runs on one device. `evaluate.mesh_shape = (data, fsdp, model)` (e.g.
+`(-1, 1, 1)`) restores the parameters sharded by the training rules over all devices of all
+processes and splits each batch's rows over data x fsdp: every process reads every example, the
+processes decode together, and process 0 writes the results.
 """
 import json
 import time
@@ -141,14 +144,16 @@ def _jsonable(x: Any) -> Any:
 _DECODE_FNS: dict = {}
 
 
-def _decode_fn(model, config, method: str, max_decode_length: int, beam_size: int, alpha: float):
-  """The jitted decoder for a model config, shared by every Evaluator of this process: a demo or
-  benchmark that evaluates several runs of one architecture compiles it once per input shape."""
-  key = (repr(config), method, max_decode_length, beam_size, alpha)
+def _decode_fn(model, config, method: str, max_decode_length: int, beam_size: int, alpha: float,
+               partitioner: Partitioner):
+  """The jitted decoder for a model config and mesh, shared by every Evaluator of this process:
+  a demo or benchmark that evaluates several runs of one architecture compiles it once per input
+  shape. Its outputs are replicated, so every process reads every row."""
+  key = (repr(config), method, max_decode_length, beam_size, alpha, partitioner.mesh)
   if key not in _DECODE_FNS:
     _DECODE_FNS[key] = jax.jit(decoding.make_decode_fn(
         model, method=method, max_decode_length=max_decode_length, beam_size=beam_size,
-        alpha=alpha))
+        alpha=alpha), out_shardings=partitioner.replicated)
   return _DECODE_FNS[key]
 
 
@@ -157,7 +162,7 @@ class Evaluator:
 
   def __init__(self, model_dir: str, task: str, split: str, batch_size: int, method: str,
                beam_size: int, alpha: float, max_decode_length: Optional[int],
-               max_examples: Optional[int]):
+               max_examples: Optional[int], partitioner: Optional[Partitioner] = None):
     from simvlm_jax.data import finetune  # TensorFlow/seqio only here
     self.benchmark = benchmark_of(task)
     # The run's own vocabulary copy is bound, so the task tokenizes as the run did.
@@ -171,8 +176,12 @@ class Evaluator:
     if self.inputs_length + self.targets_length > self.config.max_text_len:
       self.targets_length = self.config.max_text_len - self.inputs_length
     self.batch_size, self.max_examples = batch_size, max_examples
-    self.abstract_params = run_dir.abstract_params(
-        self.config, Partitioner((1, 1, 1), devices=jax.devices()[:1]))
+    self.partitioner = partitioner or run_dir.single_device()
+    if batch_size % self.partitioner.batch_shards:
+      raise UserError(f"evaluate.batch_size {batch_size} does not split over the mesh's "
+                      f"{self.partitioner.batch_shards} batch shards (data x fsdp): make it a "
+                      "multiple of them")
+    self.abstract_params = run_dir.abstract_params(self.config, self.partitioner)
     self.ckpt = checkpoints.Checkpointer(str(self.run.directory / run_dir.CHECKPOINTS), keep=None)
     model = self.run.model
     if self.config.num_classes:
@@ -181,13 +190,15 @@ class Evaluator:
       self.answers = self.run.answers or finetune.answer_vocab(task)
       self.method = "classifier"
       self._predict = jax.jit(lambda p, im, pre: model.apply({"params": p}, im, pre,
-                                                              method="classify"))
+                                                              method="classify"),
+                              out_shardings=self.partitioner.replicated)
     else:
       if method == "auto":
         method = "beam" if self.benchmark in CAPTION_TASKS else "greedy"
       self.method = method
       self._predict = _decode_fn(model, self.config, method,
-                                 max_decode_length or self.targets_length, beam_size, alpha)
+                                 max_decode_length or self.targets_length, beam_size, alpha,
+                                 self.partitioner)
     self._finetune = finetune
 
   def steps(self) -> list[int]:
@@ -216,7 +227,10 @@ class Evaluator:
       extra = batch.pop("meta")
       (sub,) = batch.values()
       rows = int(np.sum(extra.pop("valid")))
-      out = self._predict(params, sub.get("images"), sub["prefix_tokens"])
+      images, prefix = self.partitioner.shard_global_batch((sub.get("images"),
+                                                            sub["prefix_tokens"]))
+      with self.partitioner.activate():
+        out = self._predict(params, images, prefix)
       predictions += self._texts(out, rows)
       meta += [{k: v[i] for k, v in extra.items()} for i in range(rows)]
       if "images" in sub and len(images) < report_images:
@@ -257,6 +271,8 @@ class Evaluator:
           example["images" if image.ndim == 4 else "image"] = list(image) if image.ndim == 4 \
               else image
         report.append(example)
+    if jax.process_index():
+      return scores  # every process decoded; process 0 writes
     (epath.Path(output_dir) / f"predictions_{step}.jsonl").write_text(
         "".join(json.dumps(record) + "\n" for record in rows))
     write_html_report(str(epath.Path(output_dir) / f"report_{step}.html"),
@@ -277,7 +293,8 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
              max_decode_length: Optional[int] = None, max_examples: Optional[int] = None,
              caption_metric_names: Sequence[str] = caption_metrics.ALL_METRICS,
              report_examples: int = 100,
-             vqa_metric_version: str = vqa.DEFAULT_VERSION) -> dict[int, dict]:
+             vqa_metric_version: str = vqa.DEFAULT_VERSION,
+             mesh_shape: Optional[Sequence[int]] = None) -> dict[int, dict]:
   """Scores the checkpoints of `model_dir` on `task`; returns {step: scores}. See the module doc.
 
   Args:
@@ -291,10 +308,14 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
     report_examples: example rows (with images) in the HTML report.
     vqa_metric_version: VQA accuracy as the official code computes it now, "2021" / "current", or
       before its 2021 fix, "2016" / "legacy" (many published numbers); `simvlm_jax.metrics.vqa`.
+    mesh_shape: (data, fsdp, model) over every device of every process (one entry may be -1);
+      default: one device. `batch_size` must be a multiple of data x fsdp.
   """
   vqa.resolve_version(vqa_metric_version)  # a typo fails before the model loads
+  partitioner = Partitioner(tuple(mesh_shape)) if mesh_shape is not None else None
   evaluator = Evaluator(model_dir, task, split, batch_size, method, beam_size, alpha,
-                        max_decode_length, max_examples)
+                        max_decode_length, max_examples, partitioner)
+  is_main = jax.process_index() == 0
   output_dir = epath.Path(output_dir or evaluator.run.directory / f"eval_{task}_{split}")
   output_dir.mkdir(parents=True, exist_ok=True)
   available = evaluator.steps()
@@ -307,13 +328,15 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
     raise UserError(f"no checkpoint for steps {missing} in {model_dir}; it has {available}")
   scores_path = output_dir / "scores.json"
   all_scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
-  writer = metric_writers.create_default_writer(str(output_dir))
+  writer = metric_writers.create_default_writer(str(output_dir), just_logging=not is_main)
   results = {}
   for step in todo:
     scores = evaluator.evaluate_step(step, output_dir, caption_metric_names, report_examples,
                                      vqa_metric_version)
     results[step] = scores
     all_scores[str(step)] = scores
+    if not is_main:
+      continue
     tmp = output_dir / "scores.json.tmp"
     tmp.write_text(json.dumps(all_scores, indent=1, sort_keys=True))
     tmp.replace(scores_path)

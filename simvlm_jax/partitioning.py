@@ -167,6 +167,15 @@ class Partitioner:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
+  def shard_global_batch(self, batch: Any) -> Any:
+    """A batch every process holds whole (evaluation and prediction read every example on every
+    host) -> global `jax.Array`s, rows over data x fsdp where they divide, else replicated."""
+    def put(x):
+      x = np.asarray(x)
+      sharding = NamedSharding(self.mesh, self._fit(P(("data", "fsdp")), x.shape))
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, batch)
+
   def shard_batch(self, host_batch: Any) -> Any:
     """Per-process numpy batch -> global `jax.Array`s, batch dimension split over data x fsdp."""
     return jax.tree.map(

@@ -24,13 +24,13 @@ import sys
 from typing import List, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from simvlm_jax import console, decoding, distributed, gin_utils, run_dir
 from simvlm_jax import train  # noqa: F401  (registers `train`, which saved configs bind)
 from simvlm_jax.errors import UserError, run_main
+from simvlm_jax.partitioning import Partitioner
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 CAPTION_PROMPT = "a picture of"
@@ -47,10 +47,17 @@ class Predictor:
     step: the checkpoint step (default: the newest).
     restore: load the parameters now; False leaves it to `restore()` (the command checks its
       arguments against the run's config first, so a wrong one is refused in seconds).
+    mesh_shape: (data, fsdp, model) over all devices of all processes: the parameters sharded by
+      the training rules, each batch's rows over data x fsdp; default: one device.
   """
 
-  def __init__(self, model_dir: str, step: Optional[int] = None, restore: bool = True):
-    self.run = run_dir.open_run(model_dir, step, restore=restore)
+  def __init__(self, model_dir: str, step: Optional[int] = None, restore: bool = True,
+               mesh_shape: Optional[Sequence[int]] = None):
+    self.partitioner = (Partitioner(tuple(mesh_shape)) if mesh_shape is not None
+                        else run_dir.single_device())
+    self.run = run_dir.open_run(model_dir, step, restore=False)
+    if restore:
+      self.restore()
     self.config = self.run.config
     task = self.run.setting("make_finetune_iterator.task_name")
     self.benchmark = _benchmark(task) if isinstance(task, str) else None
@@ -61,7 +68,7 @@ class Predictor:
     self._fns = {}
 
   def restore(self) -> None:
-    self.run.restore(self.run.step)
+    self.run.restore(self.run.step, self.partitioner)
 
   @property
   def pairs(self) -> bool:
@@ -91,7 +98,7 @@ class Predictor:
         fn = decoding.make_decode_fn(model, method="beam" if beam_size > 1 else "greedy",
                                      max_decode_length=max_decode_length,
                                      beam_size=max(beam_size, 1))
-      self._fns[key] = jax.jit(fn)
+      self._fns[key] = jax.jit(fn, out_shardings=self.partitioner.replicated)
     return self._fns[key]
 
   def generate(self, images: Optional[np.ndarray], prompts: Sequence[str], beam_size: int = 1,
@@ -99,9 +106,10 @@ class Predictor:
     """`images`: uint8 `[batch, H, W, 3]` (`[batch, 2, H, W, 3]` for pairs) at the model's size,
     or None for text only. A classifier's "score" is its answer's probability; a decoder's, the
     sequence log-probability."""
-    out = self._fn(beam_size, max_decode_length)(
-        self.run.params, None if images is None else jnp.asarray(images),
-        jnp.asarray(self.encode_prompt(prompts)))
+    images, prompt_tokens = self.partitioner.shard_global_batch(
+        (images, self.encode_prompt(prompts)))
+    with self.partitioner.activate():
+      out = self._fn(beam_size, max_decode_length)(self.run.params, images, prompt_tokens)
     if self.classifier:
       probs = jax.device_get(jax.nn.sigmoid(out))
       top = np.argmax(probs, axis=-1)
@@ -168,6 +176,8 @@ def _define_flags():
   flags.DEFINE_integer("batch_size", 8, "Images decoded together.")
   flags.DEFINE_enum("format", "text", ["text", "json"], "text: path<TAB>prediction; json: one "
                     "object a line with the prompt and the score.")
+  flags.DEFINE_list("mesh", None, "data,fsdp,model over all devices of all processes (e.g. "
+                    "-1,1,1); default: one device. --batch_size must be a multiple of data x fsdp.")
   gin_utils.define_console_flags()
   flags.DEFINE_bool("strict", False, "The first unreadable image ends the run (exit status 2) "
                     "instead of costing one line on stderr.")
@@ -193,7 +203,18 @@ def _inputs(predictor: Predictor, f) -> List[tuple]:
 def _predict() -> int:
   f = flags.FLAGS
   console.quiet_python()
-  predictor = Predictor(f.checkpoint_dir, f.step, restore=False)
+  try:
+    mesh = None if f.mesh is None else [int(x) for x in f.mesh]
+  except ValueError:
+    raise UserError("--mesh takes three integers data,fsdp,model, got "
+                    f"{','.join(f.mesh)}") from None
+  predictor = Predictor(f.checkpoint_dir, f.step, restore=False, mesh_shape=mesh)
+  if f.batch_size % predictor.partitioner.batch_shards:
+    raise UserError(f"--batch_size {f.batch_size} does not split over the mesh's "
+                    f"{predictor.partitioner.batch_shards} batch shards (data x fsdp): make it a "
+                    "multiple of them")
+  # Every process reads every image and decodes its share of each batch; process 0 prints.
+  say = print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
   prompt = f.prompt if f.prompt is not None else predictor.default_prompt()
   if prompt is None:
     raise UserError(f"this is a {predictor.benchmark} run: give {PROMPT_ROLE[predictor.benchmark]}"
@@ -210,7 +231,7 @@ def _predict() -> int:
       except UserError as e:
         if f.strict:
           raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say(f"error: {e}", file=sys.stderr, flush=True)
         failed += 1
     if not chunk:
       continue
@@ -225,21 +246,22 @@ def _predict() -> int:
       if f.format == "json":
         record = {"image": paths[0], **({"image2": paths[1]} if len(paths) > 1 else {}),
                   "prompt": prompt, **result}
-        print(json.dumps(record), flush=True)
+        say(json.dumps(record), flush=True)
       else:
-        print("\t".join(paths) + f"\t{result['prediction']}", flush=True)
+        say("\t".join(paths) + f"\t{result['prediction']}", flush=True)
       done += 1
   if failed:
-    print(f"{done} of {done + failed} images predicted; {failed} could not be read",
+    say(f"{done} of {done + failed} images predicted; {failed} could not be read",
           file=sys.stderr, flush=True)
   if not done:
-    print("error: no image could be read", file=sys.stderr, flush=True)
+    say("error: no image could be read", file=sys.stderr, flush=True)
     return 1
   return 0
 
 
 def main(argv):
   del argv
+  console.own_stdout()  # its stdout is data (JSON lines): no library may print there
   distributed.initialize()
   run_main(_predict)
 

@@ -21,6 +21,7 @@ import seqio
 from etils import epath
 
 from simvlm_jax import checkpoints, gin_utils
+from simvlm_jax.data import vocab  # noqa: F401  (registers sentencepiece_vocabulary, bound here)
 from simvlm_jax.errors import UserError
 from simvlm_jax.models import ModelConfig, SimVLM
 from simvlm_jax.partitioning import Partitioner
@@ -136,6 +137,11 @@ def load_vocabulary(root: epath.Path) -> Optional[seqio.SentencePieceVocabulary]
   return seqio.SentencePieceVocabulary(str(path), extra_ids=info["extra_ids"])
 
 
+def single_device() -> Partitioner:
+  """Evaluation's and prediction's default: one device of this process."""
+  return Partitioner((1, 1, 1), devices=jax.local_devices()[:1])
+
+
 def abstract_params(config: ModelConfig, partitioner: Partitioner) -> Any:
   """The model's parameters as ShapeDtypeStructs with their shardings (no optimizer state)."""
   from simvlm_jax.trainer import init_params  # pylint: disable=import-outside-toplevel
@@ -184,8 +190,10 @@ class Run:
     finally:
       ckpt.close()
 
-  def restore(self, step: Optional[int] = None) -> None:
-    """Loads the parameters of `step` (default: the newest) onto one device."""
+  def restore(self, step: Optional[int] = None,
+              partitioner: Optional[Partitioner] = None) -> None:
+    """Loads the parameters of `step` (default: the newest), sharded by `partitioner` (default:
+    onto one device)."""
     directory = self.directory / CHECKPOINTS
     if not directory.exists():
       raise UserError(f"no checkpoint in {self.directory} (expected {directory}/<step>/)")
@@ -194,7 +202,7 @@ class Run:
       if ckpt.latest_step() is None:
         raise UserError(f"no checkpoint in {directory}")
       step = ckpt.latest_step() if step is None else step
-      partitioner = Partitioner((1, 1, 1), devices=jax.devices()[:1])
+      partitioner = partitioner or single_device()
       self.params = ckpt.restore_params(abstract_params(self.config, partitioner), step=step)
       self.step = step
     finally:

@@ -22,6 +22,8 @@ from simvlm_jax.metrics import captions
      True),
     (b"Improper call to JPEG library in state 201\n", True),
     (b"PTBTokenizer tokenized 665 tokens at 4277.44 tokens per second.\n", True),
+    (b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n",
+     True),
     (b"error: cannot read image photos/broken.png: Invalid PNG data, size 60\n", False),
     (b"Traceback (most recent call last):\n", False),
     (b"  File \"x.py\", line 1, in <module>\n", False),

@@ -21,17 +21,19 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
 # `train` is imported for its gin configurable `train.*`, which the run's gin files bind.
 from simvlm_jax import distributed, gin_utils, train  # noqa: F401
 from simvlm_jax.checkpoints import Checkpointer
+from simvlm_jax.data import vocab
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
-from conftest import command_xla_flags
+from conftest import SENTENCES, command_xla_flags, write_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -221,6 +223,35 @@ def test_two_processes_match_one(runs):
   jax.tree_util.tree_map_with_path(close, got_params, expected_params, initial)
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(got_params),
                                                      jax.tree.leaves(initial)))
+
+
+@pytest.mark.slow
+def test_predict_in_two_processes_matches_one(tmp_path, tiny_config):
+  """predict --mesh over the 8 devices of two processes: every process reads every image, the
+  rows of each batch are split over all devices, process 0 prints what one device prints."""
+  model_dir, _ = write_run(tmp_path, tiny_config, vocab.train_sentencepiece(
+      SENTENCES, 300, "a", directory=str(tmp_path)))
+  gin.clear_config()
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(5):  # 5 images in a batch of 8 rows: padding rows too
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8)).save(photos / f"{i}.png")
+  command = [sys.executable, "-m", "simvlm_jax.predict", f"--checkpoint_dir={model_dir}",
+             f"--image={photos}", "--format=json", "--max_decode_length=5", "--batch_size=8"]
+  pipe = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  single, = _wait_all([subprocess.Popen(command, env=_env(1), **pipe)])
+  address = f"127.0.0.1:{_free_port()}"
+  out0, out1 = _wait_all([subprocess.Popen(
+      [*command, "--mesh=-1,1,1"], **pipe,
+      env=_env(4, SIMVLM_COORDINATOR_ADDRESS=address, SIMVLM_NUM_PROCESSES="2",
+               SIMVLM_PROCESS_ID=str(pid))) for pid in range(2)])
+  want, got = ([json.loads(line) for line in out.splitlines()] for out in (single, out0))
+  assert out1 == "" and len(got) == len(want) == 5
+  assert [g["image"] for g in got] == [w["image"] for w in want]
+  assert [g["prediction"] for g in got] == [w["prediction"] for w in want]
+  np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_eval_shards_are_uneven_and_keep_every_example_at_its_global_row():

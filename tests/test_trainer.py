@@ -1,6 +1,7 @@
 """Optimizer, schedule, train step and the gin train loop."""
 import glob
 import os
+import re
 
 import gin
 import jax
@@ -164,6 +165,10 @@ def test_gin_train_loop_writes_config_metrics_and_checkpoints(tmp_path, capsys):
   assert f"profiled steps 2-3: {model_dir}/plugins/profile (TensorBoard's profile tab)" in out
   assert glob.glob(os.path.join(model_dir, "plugins", "profile", "*", "*.xplane.pb"))
   assert "MFU against a float32 matmul peak measured here: " in out
+  # Bytes per device, printed before compiling against what the device holds.
+  assert re.search(r"^memory per device: parameters [\d.]+ MiB \+ optimizer state [\d.]+ MiB \+ "
+                   r"gradients [\d.]+ MiB \+ activations [\d.]+ MiB \(estimated\) = [\d.]+ MiB of "
+                   r"[\d.]+ GiB$", out, re.M)
   assert sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[:2] == ["2", "4"]
   config = open(os.path.join(model_dir, "config.gin")).read()
   assert "train.total_steps = 4" in config
