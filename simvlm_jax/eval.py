@@ -227,10 +227,10 @@ class Evaluator:
       extra = batch.pop("meta")
       (sub,) = batch.values()
       rows = int(np.sum(extra.pop("valid")))
-      images, prefix = self.partitioner.shard_global_batch((sub.get("images"),
+      pixels, prefix = self.partitioner.shard_global_batch((sub.get("images"),
                                                             sub["prefix_tokens"]))
       with self.partitioner.activate():
-        out = self._predict(params, images, prefix)
+        out = self._predict(params, pixels, prefix)
       predictions += self._texts(out, rows)
       meta += [{k: v[i] for k, v in extra.items()} for i in range(rows)]
       if "images" in sub and len(images) < report_images:
