@@ -53,14 +53,15 @@ class _TimedIterator:
 
 def pipeline_step_time(args, bindings) -> None:
   """The train loop's steady-state step time on the shapes pipeline (see the module docstring)."""
-  import tempfile  # pylint: disable=import-outside-toplevel
-  from simvlm_jax import console, train  # pylint: disable=import-outside-toplevel
-  from simvlm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from tasks import build  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import tempfile
+  data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "simvlm_shapes_tfds")
+  os.environ["SIMVLM_DATA_DIR"] = data_dir  # before the tasks register their data directory
+  from simvlm_jax import console, train
+  from simvlm_jax.data import pipeline
+  from tasks import build
   console.quiet_native()
   console.quiet_python()
-  data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "simvlm_shapes_tfds")
-  os.environ["SIMVLM_DATA_DIR"] = data_dir
   build.main(["--data_dir", data_dir, "shapes", "--train", "2000", "--validation", "64",
               "--compositional", "64", "--text_train", "4000", "--text_validation", "64"])
   steps = args.warmup * 10 + args.steps
