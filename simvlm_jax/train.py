@@ -355,7 +355,7 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
           partitioner.batch_shards, trainer.num_microbatches), memory.device_memory()))
       progress.measure_against(flops.batch_flops(trainer.config, batch, jax.process_count()),
                                *_peak(trainer.config, log))
-    if profile and step == profile[0]:  # (steps before the first dispatched, last step)
+    if profile and step == profile[0]:  # profile: (steps before the first traced, last traced)
       jax.profiler.start_trace(model_dir)
       tracing = True
     state, metrics = trainer.train_step(state, partitioner.shard_batch(batch))
