@@ -3,10 +3,12 @@ r"""Train-step benchmark on synthetic batches (no seqio/TensorFlow needed).
   python benchmarks/train_step.py --model=tiny --image_text_batch=32 --text_batch=8
   python benchmarks/train_step.py --model=base --mesh=-1,1,1 --gin.ModelConfig.dtype="'bfloat16'"
 
-Prints the median step time over `--steps` steps after `--warmup`, examples/s, tokens/s, the model
-FLOPs per step (counted analytically from the dimensions, and XLA's own count from the compiled
-step's cost analysis), a peak measured in the same run (a large matmul in the compute dtype) and the
-MFU against it. The last line is `key=value` pairs.
+Prints the step time (the best of `--rounds` rounds' medians over `--steps` steps, after
+`--warmup`), examples/s, tokens/s, the model FLOPs per step (counted analytically from the
+dimensions, `simvlm_jax.flops`, and XLA's own count from the compiled step's cost analysis), a peak
+measured in the same run (a large matmul in the compute dtype, once per round, interleaved with
+the steps: the best round) and the MFU against it, each with its spread over the rounds (on a
+shared machine the load moves both). The last line is `key=value` pairs.
 
 With `scan_layers=True` XLA's cost analysis counts a scanned loop body once, so its FLOPs fall
 short of the model count by about the depth; compare the two on unscanned runs.
@@ -95,6 +97,7 @@ def main():
   p.add_argument("--text_length", type=int, default=128)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--rounds", type=int, default=3, help="rounds of steps and peak, interleaved")
   p.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on GPU/TPU")
   args, rest = p.parse_known_args()
   bindings = [a[len("--gin_bindings="):] for a in gin_utils.rewrite_gin_args(rest)
@@ -120,22 +123,30 @@ def main():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-  times = []
-  for i in range(args.warmup + args.steps):
-    t = time.perf_counter()
-    state, metrics = trainer.train_step(state, batches[i % 2])
+  on_cpu = jax.devices()[0].platform == "cpu"
+  n = args.matmul_size or (2048 if on_cpu else 8192)
+  # Rounds of (steps, then the matmul peak), interleaved: the load a shared machine puts on both
+  # moves between rounds, so the figures are each one's best round, with the spread beside it.
+  step_rounds, peak_rounds = [], []
+  for _ in range(args.warmup):
+    state, metrics = trainer.train_step(state, batches[0])
     jax.block_until_ready(metrics["loss"])
-    if i >= args.warmup:
+  for _ in range(args.rounds):
+    times = []
+    for i in range(args.steps):
+      t = time.perf_counter()
+      state, metrics = trainer.train_step(state, batches[i % 2])
+      jax.block_until_ready(metrics["loss"])
       times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
+    step_rounds.append(statistics.median(times))
+    peak_rounds.append(matmul_peak(config.compute_dtype, n) * len(jax.devices()))
+  step_s, peak = min(step_rounds), max(peak_rounds)
   rows = args.image_text_batch + args.text_batch
   tokens = (args.image_text_batch * (config.num_image_tokens + args.image_text_length)
             + args.text_batch * args.text_length)
   flops = train_step_flops(config, args.image_text_batch, args.image_text_length,
                            args.text_batch, args.text_length)
-  on_cpu = jax.devices()[0].platform == "cpu"
-  n = args.matmul_size or (2048 if on_cpu else 8192)
-  peak = matmul_peak(config.compute_dtype, n) * len(jax.devices())
+  mfus = [flops / s / p for s, p in zip(step_rounds, peak_rounds)]
   from simvlm_jax.models.param_count import count_params
   result = dict(model=args.model, device=jax.devices()[0].device_kind.replace(" ", "_"),
                 devices=len(jax.devices()), mesh="x".join(map(str, partitioner.mesh.shape.values())),
@@ -144,12 +155,18 @@ def main():
                 tokens_per_s=round(tokens / step_s, 1), model_tflops_per_step=round(flops / 1e12, 4),
                 xla_tflops_per_step=round(xla_flops / 1e12, 4),
                 flops_ratio_xla_over_model=round(xla_flops / flops, 3),
-                peak_tflops=round(peak / 1e12, 3), mfu=round(flops / step_s / peak, 4))
-  print(f"{args.model}: median step {step_s * 1e3:.1f} ms over {args.steps} steps "
-        f"(compile {compile_s:.1f} s), {rows / step_s:.1f} examples/s, {tokens / step_s:.0f} tokens/s")
+                peak_tflops=round(peak / 1e12, 3), mfu=round(flops / step_s / peak, 4),
+                rounds=args.rounds,
+                step_s_spread=f"{min(step_rounds):.4f}-{max(step_rounds):.4f}",
+                peak_tflops_spread=f"{min(peak_rounds) / 1e12:.3f}-{max(peak_rounds) / 1e12:.3f}",
+                mfu_spread=f"{min(mfus):.4f}-{max(mfus):.4f}")
+  print(f"{args.model}: step {step_s * 1e3:.1f} ms (best of {args.rounds} rounds' medians over "
+        f"{args.steps} steps; rounds {result['step_s_spread']} s; compile {compile_s:.1f} s), "
+        f"{rows / step_s:.1f} examples/s, {tokens / step_s:.0f} tokens/s")
   print(f"model FLOPs/step {flops / 1e12:.4f} TFLOP (XLA counts {xla_flops / 1e12:.4f}); "
-        f"peak ({config.dtype} {n}^3 matmul x {len(jax.devices())} devices) "
-        f"{peak / 1e12:.3f} TFLOP/s; MFU {result['mfu']:.3f}")
+        f"peak ({config.dtype} {n}^3 matmul x {len(jax.devices())} devices, best round) "
+        f"{peak / 1e12:.3f} TFLOP/s (rounds {result['peak_tflops_spread']}); MFU {result['mfu']:.3f}"
+        f" (best step / best peak; per round {result['mfu_spread']})")
   print(" ".join(f"{k}={v}" for k, v in result.items()))
 
 
