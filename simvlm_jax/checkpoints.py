@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -134,15 +135,32 @@ class Checkpointer:
     keep: how many most recent checkpoints to keep (None: all).
     save_every: `save` writes when `step % save_every == 0`, and always when `force=True`.
     async_save: write in a background thread while training goes on.
+    keep_best: (metric, "min" | "max"): also keep the checkpoint with the best value of that
+      metric among those saved with metrics (`save(..., metrics=)`).
+    keep_period: also keep every checkpoint whose step is a multiple of this.
   """
 
   def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1000,
-               async_save: bool = True):
+               async_save: bool = True, keep_best: Optional[Tuple[str, str]] = None,
+               keep_period: Optional[int] = None):
     self.save_every = save_every
     self.directory = absolute(directory)
+    self.keeps_best = keep_best is not None
+    policies = []
+    if keep is not None:
+      policies.append(preservation.LatestN(n=keep))
+    if keep_best is not None:
+      name, mode = keep_best
+      policies.append(preservation.BestN(get_metric_fn=lambda metrics: metrics[name],
+                                         reverse=(mode == "min"), n=1,
+                                         keep_checkpoints_without_metrics=False))
+    if keep_period:
+      policies.append(preservation.EveryNSteps(interval_steps=keep_period))
     # The interval is decided here (Orbax's own policy would also save the first step).
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True, cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=(preservation.AnyPreservationPolicy(policies)
+                             if keep is not None else None),
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
 
@@ -153,11 +171,12 @@ class Checkpointer:
     return self.manager.all_steps()
 
   def save(self, state: Any, data_iterator: Any = None, force: bool = False,
-           step: Optional[int] = None) -> bool:
+           step: Optional[int] = None, metrics: Optional[dict] = None) -> bool:
     """Saves if the step is due (or `force`). Returns whether a save was started.
 
     `step` (default: read from `state`) lets the train loop skip a device read. A state with a
     non-finite value raises DivergenceError instead: it would replace good checkpoints (keep-N).
+    `metrics` (e.g. the step's eval scores) rank the checkpoint for `keep_best`.
     """
     step = int(jax.device_get(state.step)) if step is None else step
     # The interval first: the loop calls this every step, and listing the steps reads storage.
@@ -172,7 +191,8 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = DataIteratorSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True,
+                             metrics=metrics)
 
   def check_model(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointError if `step` was written for other shapes or another parameter tree.

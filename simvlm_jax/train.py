@@ -248,6 +248,9 @@ def train(model_dir: str = gin.REQUIRED,
           log_every: int = 10,
           checkpoint_every: int = 1000,
           keep_checkpoints: Optional[int] = 3,
+          keep_best_by: Optional[str] = None,
+          keep_best_mode: str = "min",
+          keep_period: Optional[int] = None,
           eval_iterator_fn: Optional[Callable[..., Any]] = None,
           eval_every: int = 0,
           eval_batches: int = 50,
@@ -265,6 +268,9 @@ def train(model_dir: str = gin.REQUIRED,
   spans `total_steps`), as a preempted job would. `init_from` (a pretraining model_dir or
   checkpoint) starts a new run from those parameters where they fit (finetuning); a checkpoint of
   this run's own `model_dir` always takes precedence, so a preempted finetuning job resumes.
+  Checkpoints: the newest `keep_checkpoints`, plus, with `keep_best_by` (an eval scalar such as
+  "eval/loss", `keep_best_mode` "min" or "max"), the best of those saved at an evaluation (every
+  evaluation then saves), plus every multiple of `keep_period`.
   `num_microbatches` accumulates each step's gradient over that many pieces of the global batch
   (the same update, with the activations of one piece at a time). `profile_steps = (first, last)`
   writes a `jax.profiler` trace of those steps (counted from 1) into `model_dir` for TensorBoard's
@@ -278,6 +284,11 @@ def train(model_dir: str = gin.REQUIRED,
   `resume_data_position=False` resumes the train state alone (e.g. on another number of hosts).
   """
   _check_run_settings(total_steps, log_every, checkpoint_every)
+  if keep_best_by is not None and not (eval_iterator_fn is not None and eval_every):
+    raise UserError(f"train.keep_best_by = {keep_best_by!r} ranks checkpoints by an evaluation: "
+                    "set train.eval_iterator_fn and train.eval_every too")
+  if keep_best_mode not in ("min", "max"):
+    raise UserError(f"train.keep_best_mode must be 'min' or 'max', got {keep_best_mode!r}")
   if profile_steps is not None and not (
       len(profile_steps) == 2 and all(isinstance(x, int) for x in profile_steps)
       and 1 <= profile_steps[0] <= profile_steps[1]):
@@ -299,8 +310,10 @@ def train(model_dir: str = gin.REQUIRED,
     objective = objectives.for_vocabulary(objective, getattr(data, "vocabulary", None))
     trainer = Trainer(model_config, partitioner, total_steps, objective=objective, seed=seed,
                       num_microbatches=num_microbatches)
-    ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints,
-                                    save_every=checkpoint_every)
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints, save_every=checkpoint_every,
+        keep_best=(keep_best_by, keep_best_mode) if keep_best_by else None,
+        keep_period=keep_period)
     try:
       return _train_loop(trainer, ckpt, watcher, log, model_dir=model_dir,
                          total_steps=total_steps, data=data,
@@ -372,6 +385,7 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
       progress.close_window(done)
     if tracing and done == profile[1]:
       tracing = _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
+    scores = None
     if eval_iterator_fn is not None and eval_every and (done % eval_every == 0 or done == end):
       progress.flush()
       scores = evaluate(trainer, state.params, eval_iterator_fn, eval_batches)
@@ -388,7 +402,9 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
           "command to resume")
       break
     if not guard.in_streak or done == end:
-      ckpt.save(state, data, force=(done == end), step=done)
+      ranked = scores is not None and ckpt.keeps_best  # an evaluated step competes for best
+      ckpt.save(state, data, force=(done == end) or ranked, step=done,
+                metrics=scores if ranked else None)
   if tracing:  # the run stopped inside the window
     _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
   progress.flush()

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from simvlm_jax import gin_utils, objectives, train, trainer
 from simvlm_jax.data.synthetic import SyntheticIterator
+from simvlm_jax.errors import UserError
 from simvlm_jax.partitioning import Partitioner
 
 ONE_DEVICE = jax.devices()[:1]
@@ -187,3 +188,34 @@ def test_gin_train_loop_writes_config_metrics_and_checkpoints(tmp_path, capsys):
     assert 0 < step_s < 60 and 0 < mfu < 1
     rows = scalars["examples_per_s"][step] * step_s
     assert rows == pytest.approx(8 + 8, rel=1e-3)  # 8 image-text + 8 text rows a step
+
+
+def test_checkpoints_keep_the_newest_the_best_and_every_period(tmp_path):
+  """keep_checkpoints = 1, the best by an eval scalar, and every multiple of keep_period. The
+  "best" here is the *highest* eval loss (keep_best_mode = "max"), so that it is not simply the
+  newest step: the ranking is what is tested."""
+  model_dir = str(tmp_path / "run")
+  bindings = [f"train.model_dir = '{model_dir}'", "train.total_steps = 8", "train.log_every = 2",
+              "train.checkpoint_every = 2", "SyntheticIterator.text_batch = 8",
+              "train.keep_checkpoints = 1", "train.eval_iterator_fn = @eval/SyntheticIterator",
+              "eval/SyntheticIterator.num_examples = 16", "train.eval_every = 2",
+              "train.keep_best_by = 'eval/loss'", "train.keep_best_mode = 'max'",
+              "train.keep_period = 4"]
+  _parse(bindings)
+  train.train()
+  gin.clear_config()
+  losses = {}
+  for path in glob.glob(os.path.join(model_dir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == "eval/loss":
+          losses[event.step] = float(tf.make_ndarray(v.tensor))
+  assert sorted(losses) == [2, 4, 6, 8]
+  worst = max(losses, key=losses.get)
+  kept = sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints")) if d.isdigit())
+  assert kept == sorted({worst, 4, 8}), (kept, losses)
+  _parse([b for b in bindings if "eval" not in b.split("=")[0]])
+  with pytest.raises(UserError, match="ranks checkpoints by an evaluation: set "
+                     "train.eval_iterator_fn and train.eval_every too"):
+    train.train()
+  gin.clear_config()
