@@ -22,6 +22,7 @@ import functools
 import importlib
 import json
 import os
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -35,11 +36,20 @@ PROMPT = "a picture of"  # SimVLM's "A picture of"; the shapes vocabulary is low
 
 
 def run_train(gin_files: Sequence[str], model_dir: str, bindings: Sequence[str] = ()) -> None:
-  """One training run in this process (`python -m simvlm_jax.train` with these files/bindings)."""
+  """One training run in this process (`python -m simvlm_jax.train` with these files/bindings).
+
+  A run stopped by SIGTERM/SIGINT has saved the step it reached: the whole program then ends
+  (exit status 0) instead of going on to evaluate a half-trained model; the same command resumes.
+  """
   from simvlm_jax import train
   gin.clear_config()
   gin_utils.parse_gin(list(gin_files), [f"train.model_dir = '{model_dir}'", *bindings])
-  train.train()
+  total = gin.query_parameter("train.total_steps")
+  reached = int(jax.device_get(train.train().step))
+  if reached < total:
+    print(f"stopped at step {reached} of {total} ({model_dir}); run the same command to resume",
+          flush=True)
+    sys.exit(0)
 
 
 def _held_out_accuracy(model_dir: str, splits: Sequence[str], with_images: bool) -> list[float]:

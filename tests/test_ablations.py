@@ -3,12 +3,14 @@ what its row of SimVLM's Table 6 says, and benchmarks/ablations.py runs every on
 import glob
 import os
 import sys
+import types
 
 import gin
+import numpy as np
 import pytest
 
 from simvlm_jax import gin_utils, objectives
-from simvlm_jax import train  # noqa: F401  (registers `train`, which the run files bind)
+from simvlm_jax import train  # (registers `train`, which the run files bind)
 from simvlm_jax.models.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +71,19 @@ def test_table_shows_mean_and_half_spread_over_seeds():
   text = ablations.table([run(0, 0.5, 40.0), run(1, 0.7, 50.0)])
   assert text.splitlines()[2] == ("| prefix_lm | 0,1 | 60.0 ± 10.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | "
                                   "45.0 ± 5.0 | 60.0 ± 0.0 |")
+
+
+def test_a_preempted_run_ends_the_program_instead_of_evaluating_it(tmp_path, monkeypatch, capsys):
+  """The demo, fidelity and ablation scripts train through `demo.run_train`: a run that SIGTERM
+  stopped (train returns the state of the step it saved) must not be evaluated as finished."""
+  from simvlm_jax import demo  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(train, "train", lambda: types.SimpleNamespace(step=np.int32(3)))
+  with pytest.raises(SystemExit) as stop:
+    demo.run_train(["runs/synthetic_tiny.gin"], str(tmp_path), ["train.total_steps = 10"])
+  gin.clear_config()
+  assert stop.value.code == 0
+  assert capsys.readouterr().out == (f"stopped at step 3 of 10 ({tmp_path}); run the same command "
+                                     "to resume\n")
+  monkeypatch.setattr(train, "train", lambda: types.SimpleNamespace(step=np.int32(10)))
+  demo.run_train(["runs/synthetic_tiny.gin"], str(tmp_path), ["train.total_steps = 10"])
+  gin.clear_config()
