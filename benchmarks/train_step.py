@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simvlm_jax import gin_utils  # noqa: E402
-from simvlm_jax.flops import matmul_peak, train_step_flops  # noqa: E402
+from simvlm_jax.flops import batch_flops, matmul_peak  # noqa: E402
 from simvlm_jax.data.synthetic import synthetic_batch  # noqa: E402
 from simvlm_jax.models import ModelConfig  # noqa: E402
 from simvlm_jax.partitioning import Partitioner  # noqa: E402
@@ -144,8 +144,7 @@ def main():
   rows = args.image_text_batch + args.text_batch
   tokens = (args.image_text_batch * (config.num_image_tokens + args.image_text_length)
             + args.text_batch * args.text_length)
-  flops = train_step_flops(config, args.image_text_batch, args.image_text_length,
-                           args.text_batch, args.text_length)
+  flops = batch_flops(config, synthetic_batch(0, 0, **shapes))  # the train loop's own count
   mfus = [flops / s / p for s, p in zip(step_rounds, peak_rounds)]
   from simvlm_jax.models.param_count import count_params
   result = dict(model=args.model, device=jax.devices()[0].device_kind.replace(" ", "_"),

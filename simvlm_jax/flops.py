@@ -68,14 +68,6 @@ def transformer_flops(c: ModelConfig, enc_len: int, dec_len: int) -> float:
   return c.num_encoder_layers * enc + c.num_decoder_layers * dec + 2.0 * dec_len * d * c.vocab_size
 
 
-def train_step_flops(c: ModelConfig, it_batch: int, it_len: int, txt_batch: int, txt_len: int):
-  """Model FLOPs of one pretraining step: 3x the forward pass (forward + backward)."""
-  image_text = it_batch * (conv_stage_flops(c) + transformer_flops(c, c.num_image_tokens + it_len,
-                                                                   it_len))
-  text = txt_batch * transformer_flops(c, txt_len, txt_len)
-  return 3.0 * (image_text + text)
-
-
 def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
   """FLOP/s of an n x n x n matmul in `dtype`: the peak to measure MFU against."""
   a = jnp.ones((n, n), dtype)
