@@ -32,5 +32,7 @@ setuptools.setup(
         "test": ["pytest==8.3.4", "pytest-xdist==3.6.1"],
         # Orbax asks a gs:// bucket's layout (hierarchical namespace) through this client.
         "gcs": ["google-cloud-storage==3.17.1"],
+        # benchmarks/peer_pytorch.py: the same model in eager PyTorch + transformers.
+        "peer": ["torch==2.13.0", "transformers==5.25.0"],
     },
 )

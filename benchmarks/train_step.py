@@ -17,8 +17,10 @@ short of the model count by about the depth; compare the two on unscanned runs.
 
 times the train loop itself (`simvlm_jax.train.train` with `gin/runs/demo_pretrain.gin`: the
 shapes world's tf.data pipeline, host-to-device transfer, logging, checkpoint checks) instead of
-the bare step: the median time between the loop's requests for consecutive batches, after the
-first window of steps. It needs TensorFlow and seqio, and builds the shapes data if absent.
+the bare step: the median time between requests for consecutive batches from the pipeline (by
+the loop, or with `train.prefetch_batches` > 0 by the prefetch thread, which the loop paces),
+after the first windows of steps. `--gin.train.prefetch_batches=0` times the loop without device
+prefetching. It needs TensorFlow and seqio, and builds the shapes data if absent.
 """
 import argparse
 import os
@@ -84,11 +86,22 @@ def pipeline_step_time(args, bindings) -> None:
   print(f"pipeline=shapes step_s={step_s:.4f} mean_step_s={np.mean(gaps):.4f} steps={len(gaps)}")
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--pipeline", choices=["synthetic", "shapes"], default="synthetic",
-                 help="shapes: time the train loop on the shapes world's input pipeline")
-  p.add_argument("--data_dir", default=None, help="--pipeline=shapes: TFDS data directory")
+def setup(args, bindings):
+  """(config, partitioner, trainer, initial state, batch shapes, two sharded synthetic batches)
+  for `--model`, `--mesh` and the batch flags (`add_batch_flags`)."""
+  gin_utils.parse_gin([f"models/simvlm_{args.model}.gin"], bindings)
+  config = ModelConfig()
+  partitioner = Partitioner(tuple(int(x) for x in args.mesh.split(",")))
+  trainer = Trainer(config, partitioner, total_steps=1000)
+  state = trainer.init_state()
+  shapes = dict(image_text_batch=args.image_text_batch, image_text_length=args.image_text_length,
+                text_batch=args.text_batch, text_length=args.text_length,
+                image_size=config.image_size, vocab_size=config.vocab_size)
+  batches = [partitioner.shard_batch(synthetic_batch(0, i, **shapes)) for i in range(2)]
+  return config, partitioner, trainer, state, shapes, batches
+
+
+def add_batch_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="tiny", help="tiny | base | large | huge")
   p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,model")
   p.add_argument("--image_text_batch", type=int, default=32)
@@ -97,6 +110,14 @@ def main():
   p.add_argument("--text_length", type=int, default=128)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--pipeline", choices=["synthetic", "shapes"], default="synthetic",
+                 help="shapes: time the train loop on the shapes world's input pipeline")
+  p.add_argument("--data_dir", default=None, help="--pipeline=shapes: TFDS data directory")
+  add_batch_flags(p)
   p.add_argument("--rounds", type=int, default=3, help="rounds of steps and peak, interleaved")
   p.add_argument("--matmul_size", type=int, default=0, help="0: 2048 on CPU, 8192 on GPU/TPU")
   args, rest = p.parse_known_args()
@@ -105,16 +126,7 @@ def main():
   if args.pipeline == "shapes":
     pipeline_step_time(args, bindings)
     return
-  gin_utils.parse_gin([f"models/simvlm_{args.model}.gin"], bindings)
-  config = ModelConfig()
-  mesh = tuple(int(x) for x in args.mesh.split(","))
-  partitioner = Partitioner(mesh)
-  trainer = Trainer(config, partitioner, total_steps=1000)
-  state = trainer.init_state()
-  shapes = dict(image_text_batch=args.image_text_batch, image_text_length=args.image_text_length,
-                text_batch=args.text_batch, text_length=args.text_length,
-                image_size=config.image_size, vocab_size=config.vocab_size)
-  batches = [partitioner.shard_batch(synthetic_batch(0, i, **shapes)) for i in range(2)]
+  config, partitioner, trainer, state, shapes, batches = setup(args, bindings)
   t = time.perf_counter()
   with partitioner.activate():
     compiled = trainer._train_step.lower(state, batches[0]).compile()

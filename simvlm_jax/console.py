@@ -92,7 +92,8 @@ def quiet_native() -> None:
 def own_stdout() -> None:
   """Keeps stdout for the program's own output: Python's `sys.stdout` keeps the terminal, and file
   descriptor 1, where C++ libraries print (Gloo's connection lines in a multi-process CPU run),
-  goes to stderr and its filter. For commands whose stdout is data (`predict --format=json`)."""
+  goes to stderr and its filter. For commands whose stdout is data (`predict --format=json`) or
+  the run's own log (`train`, `eval`)."""
   if getattr(own_stdout, "installed", False):
     return
   own_stdout.installed = True

@@ -149,8 +149,8 @@ def evaluate(model_dir: str, task: str, max_examples: int) -> dict:
 
 def headline(task: str, scores: dict) -> float:
   """VQA accuracy, CIDEr (x100, as the paper prints it) or accuracy."""
-  from simvlm_jax import eval as eval_lib
-  return eval_lib.headline(eval_lib.benchmark_of(task), scores)[1]
+  from simvlm_jax import evaluators
+  return evaluators.headline(evaluators.benchmark_of(task), scores)[1]
 
 
 def _finished(model_dir: str, steps: int) -> bool:

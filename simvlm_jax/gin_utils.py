@@ -6,7 +6,7 @@ import logging as std_logging
 import os
 import re
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import gin
 from absl import flags, logging
@@ -67,6 +67,19 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     raise UserError(f"gin: {message}{hint}") from e
   finally:
     std_logging.disable(std_logging.NOTSET)
+
+
+def query(name: str, default: Any = None) -> Any:
+  """The value bound to `name` ("make_finetune_iterator.inputs_length") in the current config,
+  macros resolved, or `default` when it has none."""
+  try:
+    value = gin.query_parameter(name)
+    while (isinstance(value, gin.config.ConfigurableReference) and
+           value.scoped_selector.endswith("/gin.macro")):
+      value = gin.query_parameter("%" + value.scoped_selector[:-len("/gin.macro")])
+    return value
+  except ValueError:
+    return default
 
 
 def _suggestion(message: str) -> str:

@@ -18,6 +18,7 @@ An image that cannot be read costs one line on stderr (`error: cannot read image
 go on; the exit status is 0 when at least one image got its result (1 when none did), and
 `--strict` makes the first unreadable image end the run (exit status 2).
 """
+import dataclasses
 import json
 import os
 import sys
@@ -121,7 +122,7 @@ class Predictor:
 
 
 def _benchmark(task: str) -> Optional[str]:
-  from simvlm_jax.eval import benchmark_of  # pylint: disable=import-outside-toplevel
+  from simvlm_jax.evaluators import benchmark_of  # pylint: disable=import-outside-toplevel
   try:
     return benchmark_of(task)
   except UserError:
@@ -183,80 +184,107 @@ def _define_flags():
                     "instead of costing one line on stderr.")
 
 
-def _inputs(predictor: Predictor, f) -> List[tuple]:
+@dataclasses.dataclass
+class Request:
+  """What the command was asked (its flags; see `_define_flags`)."""
+  checkpoint_dir: str
+  image: str
+  image2: Optional[str] = None
+  prompt: Optional[str] = None
+  beam_size: int = 1
+  max_decode_length: int = 32
+  step: Optional[int] = None
+  batch_size: int = 8
+  format: str = "text"
+  mesh: Optional[Sequence[str]] = None
+  strict: bool = False
+
+
+def _inputs(predictor: Predictor, r: Request) -> List[tuple]:
   """(paths, ...) per example: (image,) or (image, image2)."""
-  images = expand_images(f.image)
+  images = expand_images(r.image)
   if predictor.pairs:
-    if not f.image2:
+    if not r.image2:
       raise UserError("this is an NLVR2 run: give the second image of each pair with --image2")
-    second = expand_images(f.image2)
+    second = expand_images(r.image2)
     if len(second) != len(images):
       raise UserError(f"--image gives {len(images)} images and --image2 {len(second)}; they are "
                       "paired in sorted order, so give as many of each")
     return list(zip(images, second))
-  if f.image2:
-    raise UserError(f"--image2 is for NLVR2 runs (image pairs); {f.checkpoint_dir} is "
+  if r.image2:
+    raise UserError(f"--image2 is for NLVR2 runs (image pairs); {r.checkpoint_dir} is "
                     f"{'a ' + predictor.benchmark if predictor.benchmark else 'a captioning'} run")
   return [(path,) for path in images]
 
 
-def _predict() -> int:
-  f = flags.FLAGS
-  console.quiet_python()
+def predict_files(r: Request, out=None, err=None) -> int:
+  """The command: predicts every image of `r` and prints a line each (to `out`, default stdout;
+  unreadable images and the summary to `err`, default stderr). Returns the exit status; a wrong
+  request raises UserError before the parameters are loaded."""
   try:
-    mesh = None if f.mesh is None else [int(x) for x in f.mesh]
+    mesh = None if r.mesh is None else [int(x) for x in r.mesh]
   except ValueError:
     raise UserError("--mesh takes three integers data,fsdp,model, got "
-                    f"{','.join(f.mesh)}") from None
-  predictor = Predictor(f.checkpoint_dir, f.step, restore=False, mesh_shape=mesh)
-  if f.batch_size % predictor.partitioner.batch_shards:
-    raise UserError(f"--batch_size {f.batch_size} does not split over the mesh's "
+                    f"{','.join(r.mesh)}") from None
+  predictor = Predictor(r.checkpoint_dir, r.step, restore=False, mesh_shape=mesh)
+  if r.batch_size % predictor.partitioner.batch_shards:
+    raise UserError(f"--batch_size {r.batch_size} does not split over the mesh's "
                     f"{predictor.partitioner.batch_shards} batch shards (data x fsdp): make it a "
                     "multiple of them")
   # Every process reads every image and decodes its share of each batch; process 0 prints.
-  say = print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
-  prompt = f.prompt if f.prompt is not None else predictor.default_prompt()
+  main_process = jax.process_index() == 0
+
+  def say(line: str, to_err: bool = False) -> None:
+    if main_process:
+      print(line, file=(err or sys.stderr) if to_err else (out or sys.stdout), flush=True)
+  prompt = r.prompt if r.prompt is not None else predictor.default_prompt()
   if prompt is None:
     raise UserError(f"this is a {predictor.benchmark} run: give {PROMPT_ROLE[predictor.benchmark]}"
                     " with --prompt")
-  examples, size = _inputs(predictor, f), predictor.config.image_size
+  examples, size = _inputs(predictor, r), predictor.config.image_size
   predictor.restore()
   done = failed = 0
-  for start in range(0, len(examples), f.batch_size):
+  for start in range(0, len(examples), r.batch_size):
     chunk, pixels = [], []
-    for paths in examples[start:start + f.batch_size]:
+    for paths in examples[start:start + r.batch_size]:
       try:
         pixels.append(np.stack([load_image(p, size) for p in paths]))
         chunk.append(paths)
       except UserError as e:
-        if f.strict:
+        if r.strict:
           raise
-        say(f"error: {e}", file=sys.stderr, flush=True)
+        say(f"error: {e}", to_err=True)
         failed += 1
     if not chunk:
       continue
     # A fixed batch shape (padded with blank images): one compilation for every chunk.
-    batch = np.zeros((f.batch_size,) + pixels[0].shape, np.uint8)
+    batch = np.zeros((r.batch_size,) + pixels[0].shape, np.uint8)
     batch[:len(pixels)] = pixels
     if not predictor.pairs:
       batch = batch[:, 0]
-    results = predictor.generate(batch, [prompt] * f.batch_size, f.beam_size,
-                                 f.max_decode_length)
+    results = predictor.generate(batch, [prompt] * r.batch_size, r.beam_size,
+                                 r.max_decode_length)
     for paths, result in zip(chunk, results):
-      if f.format == "json":
+      if r.format == "json":
         record = {"image": paths[0], **({"image2": paths[1]} if len(paths) > 1 else {}),
                   "prompt": prompt, **result}
-        say(json.dumps(record), flush=True)
+        say(json.dumps(record))
       else:
-        say("\t".join(paths) + f"\t{result['prediction']}", flush=True)
+        say("\t".join(paths) + f"\t{result['prediction']}")
       done += 1
   if failed:
-    say(f"{done} of {done + failed} images predicted; {failed} could not be read",
-          file=sys.stderr, flush=True)
+    say(f"{done} of {done + failed} images predicted; {failed} could not be read", to_err=True)
   if not done:
-    say("error: no image could be read", file=sys.stderr, flush=True)
+    say("error: no image could be read", to_err=True)
     return 1
   return 0
+
+
+def _predict() -> int:
+  console.quiet_python()
+  f = flags.FLAGS
+  return predict_files(Request(**{field.name: getattr(f, field.name)
+                                  for field in dataclasses.fields(Request)}))
 
 
 def main(argv):

@@ -168,14 +168,7 @@ class Run:
   def setting(self, name: str, default: Any = None) -> Any:
     """A binding of the run's config (e.g. "make_finetune_iterator.task_name"), macros resolved,
     or `default` when it has none."""
-    try:
-      value = gin.query_parameter(name)
-      while (isinstance(value, gin.config.ConfigurableReference) and
-             value.scoped_selector.endswith("/gin.macro")):
-        value = gin.query_parameter("%" + value.scoped_selector[:-len("/gin.macro")])
-      return value
-    except ValueError:
-      return default
+    return gin_utils.query(name, default)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of generated ids up to EOS (ids of padded embedding rows are left out)."""

@@ -19,8 +19,9 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from simvlm_jax import (checkpoints, distributed, flops, gin_utils, memory, objectives,
-                        preemption, run_dir)
+from simvlm_jax import (checkpoints, console, distributed, evaluators as evaluators_lib, flops,
+                        gin_utils, memory, objectives, preemption, run_dir)
+from simvlm_jax.data import prefetch
 from simvlm_jax.errors import DivergenceError, UserError, run_main
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
@@ -254,10 +255,12 @@ def train(model_dir: str = gin.REQUIRED,
           eval_iterator_fn: Optional[Callable[..., Any]] = None,
           eval_every: int = 0,
           eval_batches: int = 50,
+          evaluators: Optional[dict] = None,
           init_from: Optional[str] = None,
           nonfinite_policy: str = "skip",
           max_consecutive_nonfinite: int = 5,
           resume_data_position: bool = True,
+          prefetch_batches: int = 2,
           profile_steps: Optional[Tuple[int, int]] = None,
           stop_after_step: Optional[int] = None) -> Any:
   """Trains to `total_steps` (resuming from `model_dir`) and returns the final TrainState.
@@ -268,9 +271,12 @@ def train(model_dir: str = gin.REQUIRED,
   spans `total_steps`), as a preempted job would. `init_from` (a pretraining model_dir or
   checkpoint) starts a new run from those parameters where they fit (finetuning); a checkpoint of
   this run's own `model_dir` always takes precedence, so a preempted finetuning job resumes.
+  `evaluators` ({name: @OfficialMetric()}, `simvlm_jax.evaluators`) score the live parameters
+  with a task's official metric every so many steps (TensorBoard: `eval/<name>/<metric>`).
   Checkpoints: the newest `keep_checkpoints`, plus, with `keep_best_by` (an eval scalar such as
-  "eval/loss", `keep_best_mode` "min" or "max"), the best of those saved at an evaluation (every
-  evaluation then saves), plus every multiple of `keep_period`.
+  "eval/loss" or "eval/vqa/accuracy", `keep_best_mode` "min" or "max"), the best of those saved at
+  an evaluation that reports it (every such evaluation then saves), plus every multiple of
+  `keep_period`.
   `num_microbatches` accumulates each step's gradient over that many pieces of the global batch
   (the same update, with the activations of one piece at a time). `profile_steps = (first, last)`
   writes a `jax.profiler` trace of those steps (counted from 1) into `model_dir` for TensorBoard's
@@ -282,11 +288,16 @@ def train(model_dir: str = gin.REQUIRED,
   what follows: "skip" goes on and stops after `max_consecutive_nonfinite` such steps in a row,
   "halt" stops at once (both raise DivergenceError naming the last good checkpoint).
   `resume_data_position=False` resumes the train state alone (e.g. on another number of hosts).
+  `prefetch_batches` batches are read and placed on the devices ahead of their step by a
+  background thread (`simvlm_jax.data.prefetch`; 0: each when its step comes).
   """
   _check_run_settings(total_steps, log_every, checkpoint_every)
-  if keep_best_by is not None and not (eval_iterator_fn is not None and eval_every):
-    raise UserError(f"train.keep_best_by = {keep_best_by!r} ranks checkpoints by an evaluation: "
-                    "set train.eval_iterator_fn and train.eval_every too")
+  if isinstance(prefetch_batches, bool) or not isinstance(prefetch_batches, int) or \
+      prefetch_batches < 0:
+    raise UserError(f"train.prefetch_batches must be an integer >= 0, got {prefetch_batches!r}")
+  evaluators = evaluators_lib.check(evaluators)
+  if keep_best_by is not None:
+    _check_keep_best_by(keep_best_by, evaluators, eval_iterator_fn is not None and eval_every)
   if keep_best_mode not in ("min", "max"):
     raise UserError(f"train.keep_best_mode must be 'min' or 'max', got {keep_best_mode!r}")
   if profile_steps is not None and not (
@@ -314,17 +325,26 @@ def train(model_dir: str = gin.REQUIRED,
         os.path.join(model_dir, "checkpoints"), keep=keep_checkpoints, save_every=checkpoint_every,
         keep_best=(keep_best_by, keep_best_mode) if keep_best_by else None,
         keep_period=keep_period)
+    running = evaluators and evaluators_lib.Running(
+        evaluators, model_config, getattr(data, "vocabulary", None), getattr(data, "answers", None),
+        partitioner)
+    # The trainer's check gives a clear error before the compiler meets a batch of wrong shapes.
+    feed = prefetch.DevicePrefetcher(
+        data, lambda batch: (trainer.check_batch(batch), partitioner.shard_batch(batch))[1],
+        depth=prefetch_batches)
     try:
       return _train_loop(trainer, ckpt, watcher, log, model_dir=model_dir,
-                         total_steps=total_steps, data=data,
+                         total_steps=total_steps, data=feed,
                          seed=seed, log_every=log_every, eval_iterator_fn=eval_iterator_fn,
-                         eval_every=eval_every, eval_batches=eval_batches, init_from=init_from,
+                         eval_every=eval_every, eval_batches=eval_batches, evaluators=running,
+                         keep_best_by=keep_best_by, init_from=init_from,
                          guard=NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite, ckpt,
                                               log),
                          resume_data_position=resume_data_position,
                          profile=profile_steps and (profile_steps[0] - 1, profile_steps[1]),
                          stop_after_step=stop_after_step)
     finally:
+      feed.close()
       ckpt.close()
 
 
@@ -332,7 +352,8 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
                 watcher: preemption.PreemptionWatcher, log: Callable[[str], None], *,
                 model_dir: str, total_steps: int, data: Any, seed: int,
                 log_every: int, eval_iterator_fn: Optional[Callable], eval_every: int,
-                eval_batches: int, init_from: Optional[str], guard: NonFiniteGuard,
+                eval_batches: int, evaluators: Optional[evaluators_lib.Running],
+                keep_best_by: Optional[str], init_from: Optional[str], guard: NonFiniteGuard,
                 resume_data_position: bool, profile: Optional[Tuple[int, int]],
                 stop_after_step: Optional[int]) -> Any:
   partitioner = trainer.partitioner
@@ -360,9 +381,8 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
   progress = ProgressLog(writer, log, data, start, end, total_steps)
   tracing = False
   for step in range(start, end):
-    batch = next(data)
+    batch, device_batch = next(data)
     if step == start:
-      trainer.check_batch(batch)  # a clear error before the compiler meets wrong shapes
       log(memory.check_fits(memory.train_step_bytes(
           trainer.config, trainer.abstract_state, batch, jax.process_count(),
           partitioner.batch_shards, trainer.num_microbatches), memory.device_memory()))
@@ -371,7 +391,7 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
     if profile and step == profile[0]:  # profile: (steps before the first traced, last traced)
       jax.profiler.start_trace(model_dir)
       tracing = True
-    state, metrics = trainer.train_step(state, partitioner.shard_batch(batch))
+    state, metrics = trainer.train_step(state, device_batch)
     done = step + 1
     # With step `done` queued on the device, read what step `done - 1` left: the host stays a
     # step ahead and fetches the next batch while the device computes.
@@ -385,13 +405,21 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
       progress.close_window(done)
     if tracing and done == profile[1]:
       tracing = _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
-    scores = None
+    scores = {}
     if eval_iterator_fn is not None and eval_every and (done % eval_every == 0 or done == end):
       progress.flush()
       scores = evaluate(trainer, state.params, eval_iterator_fn, eval_batches)
-      writer.write_scalars(done, scores)
       log(f"step {done} | " + " | ".join(
           f"{k} {v:.0f}" if k == "eval/examples" else f"{k} {v:.4f}" for k, v in scores.items()))
+    if evaluators:
+      progress.flush()
+      official, lines = evaluators(done, end, state.params)
+      scores.update(official)
+      for line in lines:
+        log(line)
+    if scores:
+      writer.write_scalars(done, scores)
+      _check_ranked(keep_best_by, scores)
     if watcher.reached(done):
       progress.flush()
       guard.flush()
@@ -402,7 +430,7 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
           "command to resume")
       break
     if not guard.in_streak or done == end:
-      ranked = scores is not None and ckpt.keeps_best  # an evaluated step competes for best
+      ranked = ckpt.keeps_best and keep_best_by in scores  # an evaluated step competes for best
       ckpt.save(state, data, force=(done == end) or ranked, step=done,
                 metrics=scores if ranked else None)
   if tracing:  # the run stopped inside the window
@@ -412,6 +440,31 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
   writer.flush()
   writer.close()
   return state
+
+
+def _check_keep_best_by(keep_best_by: str, evaluators: dict, teacher_forced: bool) -> None:
+  """`keep_best_by` must name a scalar some evaluation of this run writes."""
+  name = keep_best_by.split("/")[1] if keep_best_by.count("/") >= 2 else None
+  if name in evaluators or (teacher_forced and keep_best_by.count("/") == 1):
+    return
+  raise UserError(f"train.keep_best_by = {keep_best_by!r} ranks checkpoints by an evaluation: "
+                  "name a scalar one writes, eval/<name>/<metric> of train.evaluators "
+                  f"({', '.join(evaluators) or 'none set'}), or eval/loss with "
+                  "train.eval_iterator_fn and train.eval_every set")
+
+
+def _check_ranked(keep_best_by: Optional[str], scores: dict) -> None:
+  """After an evaluation: a misspelt `keep_best_by` metric stops the run at the first evaluation
+  of its evaluator, naming the metrics that evaluator writes."""
+  if keep_best_by is None or keep_best_by in scores:
+    return
+  if keep_best_by.count("/") == 1:  # the teacher-forced evaluation's eval/<metric>
+    mine = [k for k in scores if k.count("/") == 1]
+  else:  # an evaluator's eval/<name>/<metric>
+    mine = [k for k in scores if k.startswith("/".join(keep_best_by.split("/")[:2]) + "/")]
+  if mine:
+    raise UserError(f"train.keep_best_by = {keep_best_by!r}: that evaluation writes "
+                    f"{', '.join(sorted(mine))}")
 
 
 def _stop_trace(state: Any, steps: str, model_dir: str, log: Callable[[str], None]) -> bool:
@@ -457,6 +510,7 @@ def _write_run_files(model_dir: str, data: Any, config: ModelConfig, init_from: 
 
 def main(argv: Sequence[str]):
   del argv
+  console.own_stdout()  # the run's own lines, not Gloo's (multi-process CPU runs)
   distributed.initialize()  # Before anything touches a device; a no-op for one process.
   run_main(lambda: (gin_utils.parse_flags(), train()))
 

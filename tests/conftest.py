@@ -1,6 +1,8 @@
 """Shared test set-up: 8 forced CPU devices, a shared compilation cache, and a tiny, fast
 ModelConfig factory."""
+import io
 import os
+import socket
 
 # Before jax is imported anywhere: the sharding tests need 8 (CPU) devices.
 # LLVM optimisation level 0: the tests compile far more than they run (about a fifth less time).
@@ -16,6 +18,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import gin  # noqa: E402
 import pytest  # noqa: E402
 
 from simvlm_jax.models.config import ModelConfig  # noqa: E402
@@ -25,6 +28,42 @@ def command_xla_flags(devices: int = 1) -> str:
   """XLA_FLAGS for a command a test runs as a user would: `devices` CPU devices (not the suite's
   8), compiled as fast as the suite compiles."""
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+def predict_here(**request):
+  """The predict command's function (`predict.predict_files`) in this process, for its variants
+  (the command itself is run as a subprocess where the user's path is tested): (stdout, stderr,
+  exit status); a refused request raises UserError."""
+  from simvlm_jax import predict  # pylint: disable=import-outside-toplevel
+  out, err = io.StringIO(), io.StringIO()
+  try:
+    status = predict.predict_files(predict.Request(**request), out=out, err=err)
+  finally:
+    gin.clear_config()  # the run's config.gin was parsed
+  return out.getvalue(), err.getvalue(), status
+
+
+def free_port() -> int:
+  """A free TCP port on loopback (a two-process run's coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def process_env(devices: int, **extra) -> dict:
+  """The environment of a command a test runs: `devices` CPU devices, no launcher variables from
+  the surrounding shell (e.g. a SLURM allocation running pytest), plus `extra`."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "SIMVLM_", "TPU_WORKER_", "JAX_COORDINATOR"))}
+  env["XLA_FLAGS"] = command_xla_flags(devices)
+  env.update(extra)
+  return env
+
+
+def pair_env(devices: int, address: str, process_id: int, **extra) -> dict:
+  """`process_env` of process `process_id` of a two-process run coordinated at `address`."""
+  return process_env(devices, SIMVLM_COORDINATOR_ADDRESS=address, SIMVLM_NUM_PROCESSES="2",
+                     SIMVLM_PROCESS_ID=str(process_id), **extra)
 
 
 # Every field is given explicitly, so gin bindings left behind by another test cannot leak in.

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import command_xla_flags
+from conftest import command_xla_flags, predict_here
+from simvlm_jax.errors import UserError
 from simvlm_jax.metrics import captions as caption_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +92,7 @@ def test_the_demo_learns(demo):
 
 
 @pytest.mark.slow
-def test_predict_command(demo):
+def test_predict_command(demo, monkeypatch):
   tmp, _ = demo
   model_dir = str(tmp / "work" / "pretrain")
   images = tmp / "images"
@@ -105,8 +106,6 @@ def test_predict_command(demo):
   results = [json.loads(line) for line in out.stdout.splitlines()]
   assert [os.path.basename(r["image"]) for r in results] == ["a.png", "b.png"]
   assert all(r["prompt"] == "a picture of" and isinstance(r["prediction"], str) for r in results)
-  text = _predict(tmp, f"--checkpoint_dir={model_dir}", f"--image={images}/a.png")
-  assert text.returncode == 0 and text.stdout.startswith(f"{images}/a.png\t")
 
   # A folder with a broken file among the good ones, from its own directory with relative paths
   # (as the README has it): one line for the broken file, a result for every other, exit 0.
@@ -119,14 +118,21 @@ def test_predict_command(demo):
   broken, summary = folder.stderr.splitlines()
   assert broken.startswith("error: cannot read image images/broken.jpg: ") and "[Op:" not in broken
   assert summary == "2 of 3 images predicted; 1 could not be read"
-  strict = _predict(tmp, "--checkpoint_dir=work/pretrain", "--image=images", "--strict", cwd=tmp)
-  assert strict.returncode == 2 and strict.stderr.splitlines() == [broken]
-  bad = _predict(tmp, f"--checkpoint_dir={model_dir}", f"--image={images}/broken.jpg")
-  assert bad.returncode == 1 and bad.stderr.splitlines()[-1] == "error: no image could be read"
+
+  # The rest through the command's function, in this process (the command-line wrapper maps its
+  # UserError to "error: ..." and exit status 2, tests/test_fault_commands.py).
+  monkeypatch.chdir(tmp)
+  text, _, status = predict_here(checkpoint_dir=model_dir, image=f"{images}/a.png")
+  assert status == 0 and text.startswith(f"{images}/a.png\t")
+  assert text == folder.stdout.splitlines()[0].replace("images/", f"{images}/") + "\n"
+  with pytest.raises(UserError, match="^cannot read image images/broken.jpg: "):
+    predict_here(checkpoint_dir="work/pretrain", image="images", strict=True)
+  _, err, status = predict_here(checkpoint_dir=model_dir, image=f"{images}/broken.jpg")
+  assert status == 1 and err.splitlines()[-1] == "error: no image could be read"
   # The step directory of a checkpoint works as well as its run.
-  step = _predict(tmp, f"--checkpoint_dir=work/pretrain/checkpoints/{STEPS}", "--image=images/a.png",
-                  cwd=tmp)
-  assert step.returncode == 0 and step.stdout == "images/a.png\t" + text.stdout.split("\t")[1]
+  step, _, status = predict_here(checkpoint_dir=f"work/pretrain/checkpoints/{STEPS}",
+                                  image="images/a.png")
+  assert status == 0 and step == "images/a.png\t" + text.split("\t")[1]
 
   # (A folder that is no run: tests/test_fault_commands.py.)
 
@@ -135,8 +141,9 @@ def test_predict_command(demo):
   shutil.copytree(model_dir, mismatch)
   config = (mismatch / "config.gin").read_text().replace("VOCAB_SIZE = 512", "VOCAB_SIZE = 500")
   (mismatch / "config.gin").write_text(config)
-  wrong = _predict(tmp, f"--checkpoint_dir={mismatch}", f"--image={images}/a.png")
-  assert wrong.returncode == 2 and wrong.stderr.splitlines() == [
-      "error: the vocabulary has 512 ids but the model embeds only 500 (ModelConfig.vocab_size): "
+  with pytest.raises(UserError) as wrong:
+    predict_here(checkpoint_dir=str(mismatch), image=f"{images}/a.png")
+  assert str(wrong.value) == (
+      "the vocabulary has 512 ids but the model embeds only 500 (ModelConfig.vocab_size): "
       "set VOCAB_SIZE to at least 512, or tokenize with a smaller vocabulary "
-      "(sentencepiece_vocabulary.model_path)"]
+      "(sentencepiece_vocabulary.model_path)")

@@ -9,11 +9,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
 
-from simvlm_jax import eval as eval_lib
+from simvlm_jax import evaluators as eval_lib
+from simvlm_jax.errors import UserError
 from simvlm_jax.metrics import captions as caption_metrics
 from simvlm_jax.metrics import vqa as vqa_metrics
-from conftest import command_xla_flags
+from conftest import free_port, pair_env, predict_here, process_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,12 +110,24 @@ def test_numeric_flattening():
   assert flat == {"accuracy": 1.0, "per/a": 2.0}
 
 
+def _data_env(tmp):
+  return {"SIMVLM_DATA_DIR": str(tmp / "tfds"), "SIMVLM_CACHE_DIR": str(tmp / "cache")}
+
+
 def _env(tmp):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = command_xla_flags()
-  env["SIMVLM_DATA_DIR"] = str(tmp / "tfds")
-  env["SIMVLM_CACHE_DIR"] = str(tmp / "cache")
-  return env
+  return process_env(1, **_data_env(tmp))
+
+
+def _scalars(model_dir):
+  """{tag: {step: value}} of a run's TensorBoard events."""
+  out = {}
+  for path in model_dir.glob("events.out.tfevents.*"):
+    for event in event_file_loader.EventFileLoader(str(path)).Load():
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "scalars":
+          out.setdefault(value.tag, {})[event.step] = float(
+              tensor_util.make_ndarray(value.tensor))
+  return out
 
 
 def _run(tmp, *args, timeout=600):
@@ -140,22 +155,46 @@ def test_pretrain_finetune_evaluate(tmp_path):
   stdout = _run(tmp_path, "simvlm_jax.export", f"--model_dir={pretrain}", f"--out_dir={release}")
   assert stdout.startswith(f"exported step 2 of {pretrain}: ") and stdout.strip().endswith(
       f" MiB, no optimizer state) -> {release}")
+  # NLVR2 finetuning in two processes (2 CPU devices each, the batch over all 4), its official
+  # metric evaluated inside training after every step (every process decodes every example), the
+  # best checkpoint by it kept beside the newest.
   finetuned = tmp_path / "nlvr2"
-  stdout = _run(tmp_path, "simvlm_jax.train", "--gin_file=models/simvlm_tiny.gin",
-                "--gin_file=finetune/nlvr2.gin", "--gin_file=runs/demo_finetune.gin",
-                "--gin.TASK='shapes_nlvr2'", f"--gin.PRETRAINED_DIR='{release}'",
-                f"--gin.train.model_dir='{finetuned}'", "--gin.train.total_steps=2",
-                "--gin.BATCH_SIZE=4")
+  address = f"127.0.0.1:{free_port()}"
+  command = [sys.executable, "-m", "simvlm_jax.train", "--gin_file=models/simvlm_tiny.gin",
+             "--gin_file=finetune/nlvr2.gin", "--gin_file=runs/demo_finetune.gin",
+             "--gin.TASK='shapes_nlvr2'", f"--gin.PRETRAINED_DIR='{release}'",
+             f"--gin.train.model_dir='{finetuned}'", "--gin.train.total_steps=2",
+             "--gin.BATCH_SIZE=4", "--gin.train.evaluators={'official': @official/OfficialMetric()}",
+             "--gin.EVAL_EVERY=1", "--gin.train.keep_best_by='eval/official/accuracy'",
+             "--gin.train.keep_best_mode='max'"]
+  procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=pair_env(2, address, pid, **_data_env(tmp_path)))
+           for pid in range(2)]
+  (stdout, err0), (out1, err1) = [proc.communicate(timeout=600) for proc in procs]
+  assert [p.returncode for p in procs] == [0, 0], stdout[-2000:] + err0[-3000:] + err1[-3000:]
+  assert out1 == ""  # process 1 prints nothing
   report = next(line for line in stdout.splitlines() if line.startswith("initialised from"))
   assert int(report.split(": ")[1].split(" loaded")[0]) > 50 and "0 new" in report
   assert "step 2/2" in stdout
+  in_loop = {int(line.split()[1]): float(line.split(" accuracy ")[1].split()[0])
+             for line in stdout.splitlines() if line.startswith("step ") and "eval/official:" in line}
+  assert sorted(in_loop) == [1, 2] and "(12 examples, greedy, " in stdout
+  tensorboard = _scalars(finetuned)
+  assert {s: round(v, 2) for s, v in tensorboard["eval/official/accuracy"].items()} == in_loop
+  assert "eval/official/per_class_accuracy/true" in tensorboard
+  # keep_checkpoints = 1 (the newest, 2) and the best by accuracy (ties: the newest).
+  kept = sorted(int(d) for d in os.listdir(finetuned / "checkpoints") if d.isdigit())
+  assert kept == ([1, 2] if in_loop[1] > in_loop[2] else [2]), (kept, in_loop)
 
+  # The eval command on one device scores what training scored on four in two processes.
   _run(tmp_path, "simvlm_jax.eval", "--gin_file=gin/eval.gin",
        f"--gin.evaluate.model_dir='{finetuned}'", "--gin.evaluate.task='shapes_nlvr2'",
        "--gin.evaluate.batch_size=5")
   out_dir = finetuned / "eval_shapes_nlvr2_validation"
   scores = json.loads((out_dir / "scores.json").read_text())
-  assert list(scores) == ["2"]
+  assert list(scores) == [str(s) for s in kept]
+  assert {int(s): round(v["accuracy"], 2) for s, v in scores.items()} == {
+      s: in_loop[s] for s in kept}
   assert {"accuracy", "per_class_accuracy", "confusion_matrix"} <= set(scores["2"])
   assert 0.0 <= scores["2"]["accuracy"] <= 100.0 and scores["2"]["method"] == "greedy"
   rows = [json.loads(line) for line in (out_dir / "predictions_2.jsonl").read_text().splitlines()]
@@ -208,15 +247,16 @@ def test_pretrain_finetune_evaluate(tmp_path):
                          f"--image={photos}/left.png", f"--image2={photos}/right.jpg",
                          "--prompt=there is a red circle", "--format=json"))
   assert pair["image2"] == f"{photos}/right.jpg" and isinstance(pair["prediction"], str)
-  for args, message in (([f"--image={photos}/left.png", "--prompt=x"],
-                         "this is an NLVR2 run: give the second image of each pair with --image2"),
-                        ([f"--image={photos}/left.png", f"--image2={photos}/right.jpg"],
-                         "this is a nlvr2 run: give the statement about the image pair with "
-                         "--prompt")):
-    out = subprocess.run([sys.executable, "-m", "simvlm_jax.predict",
-                          f"--checkpoint_dir={finetuned}", *args], cwd=REPO, env=_env(tmp_path),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and out.stderr.splitlines() == [f"error: {message}"]
+  # Refusals, through the command's function in this process (its wrapper prints "error: ..." and
+  # exits 2: tests/test_fault_commands.py).
+  for request, message in (({"prompt": "x"},
+                            "this is an NLVR2 run: give the second image of each pair with "
+                            "--image2"),
+                           ({"image2": f"{photos}/right.jpg"},
+                            "this is a nlvr2 run: give the statement about the image pair with "
+                            "--prompt")):
+    with pytest.raises(UserError, match=f"^{message}$"):
+      predict_here(checkpoint_dir=str(finetuned), image=f"{photos}/left.png", **request)
 
   # A generative VQA run: predict answers the question, and refuses without one (before loading
   # the parameters). SNLI-VE's handling is checked on a copy of that run directory whose
@@ -235,16 +275,14 @@ def test_pretrain_finetune_evaluate(tmp_path):
                                                       "TASK = 'shapes_snli_ve'"))
   for run, task, prompt, role in ((run, "vqa_v2", "what colour is the circle?", "the question"),
                                   (snli_ve, "snli_ve", "there is a circle", "the hypothesis")):
-    predicted = json.loads(_run(tmp_path, "simvlm_jax.predict", f"--checkpoint_dir={run}",
-                                f"--image={photos}/left.png", f"--prompt={prompt}",
-                                "--format=json", "--max_decode_length=3"))
-    assert predicted["prompt"] == prompt and isinstance(predicted["prediction"], str)
+    out, _, status = predict_here(checkpoint_dir=str(run), image=f"{photos}/left.png",
+                                  prompt=prompt, format="json", max_decode_length=3)
+    predicted = json.loads(out)
+    assert status == 0 and predicted["prompt"] == prompt
+    assert isinstance(predicted["prediction"], str)
     assert predicted["score"] < 0.0  # a sequence log-probability: a generative run
-    refused = subprocess.run([sys.executable, "-m", "simvlm_jax.predict", f"--checkpoint_dir={run}",
-                              f"--image={photos}/left.png"], cwd=REPO, env=_env(tmp_path),
-                             capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and refused.stderr.startswith(
-        f"error: this is a {task} run: give {role}")
+    with pytest.raises(UserError, match=f"^this is a {task} run: give {role}"):
+      predict_here(checkpoint_dir=str(run), image=f"{photos}/left.png")
 
   # Zero-shot captioning of the pretraining checkpoint, same command, beam search, with the run on
   # a gs:// bucket (served from a local folder by tests/fake_gcs.py: no network): eval and

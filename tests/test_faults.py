@@ -15,7 +15,7 @@ import pytest
 
 import tasks  # noqa: F401  (registers the shapes tasks the user-error cases name)
 from simvlm_jax import checkpoints, decoding, gin_utils, preemption, train, trainer
-from simvlm_jax.data import pipeline
+from simvlm_jax.data import pipeline, prefetch
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.errors import CheckpointError, DivergenceError, UserError, one_line
 from simvlm_jax.partitioning import Partitioner, resolve_mesh_shape
@@ -201,6 +201,8 @@ DAMAGE = {
     "tree metadata deleted": lambda step: os.remove(step / "state" / "_METADATA"),
     "iterator position deleted": lambda step: os.remove(step / "data" / "process_0.json"),
     "iterator position emptied": lambda step: open(step / "data" / "process_0.json", "w").close(),
+    # What the device prefetcher held (read, not yet trained on) when the checkpoint was saved.
+    "held batches cut in half": lambda step: _cut(step / "data" / "process_0.pending.npz"),
 }
 
 
@@ -209,9 +211,15 @@ def test_restart_skips_and_sets_aside_an_unreadable_checkpoint(damaged, how):
   run, tr = damaged
   DAMAGE[how](run / "checkpoints" / "4")
   ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))
-  lines, data = [], SyntheticIterator()
+  stream = lambda: SyntheticIterator(image_size=tr.config.image_size,  # noqa: E731  (the run's)
+                                     vocab_size=tr.config.vocab_size, text_batch=4)
+  lines, data = [], prefetch.DevicePrefetcher(stream(), lambda batch: batch, depth=0)
   state = ckpt.restore_newest_readable(tr.abstract_state, data, log=lines.append)
-  assert int(state.step) == 2 and data.position == 2
+  # The loop's position: the next batch is the third (the prefetcher's held ones come first).
+  fresh = stream()
+  third = [next(fresh) for _ in range(3)][-1]
+  assert int(state.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, next(data)[0], third)
   assert len(lines) == 2
   assert lines[0].startswith(f"checkpoint 4 in {run}/checkpoints cannot be read (")
   assert lines[0].endswith("); trying the one before it")

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
-from conftest import SENTENCES, command_xla_flags, write_run
+from conftest import SENTENCES, free_port, pair_env, process_env, write_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -60,21 +59,6 @@ def _command(model_dir, extra=()):
           f"--gin.train.model_dir='{model_dir}'", f"--gin.train.total_steps={STEPS}",
           f"--gin.train.checkpoint_every={STEPS}", "--gin.train.log_every=1",
           *[f"--gin_bindings={b}" for b in [*BINDINGS, *extra]]]
-
-
-def _env(devices, **extra):
-  # No launcher variables from the surrounding shell (e.g. a SLURM allocation running pytest).
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "SIMVLM_", "TPU_WORKER_", "JAX_COORDINATOR"))}
-  env["XLA_FLAGS"] = command_xla_flags(devices)  # not the parent's 8
-  env.update(extra)
-  return env
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _wait_all(procs):
@@ -114,6 +98,15 @@ def _progress_steps(stdout):
           if re.match(r"step \d+/", line)]
 
 
+def _loop_position(step_dir, pid):
+  """The data position process `pid` saved in a checkpoint: the loop's, i.e. the iterator's less
+  the batches the device prefetcher had read ahead (saved beside it, replayed first on resume)."""
+  with open(os.path.join(step_dir, "data", f"process_{pid}.json")) as f:
+    position = json.load(f)["position"]
+  with np.load(os.path.join(step_dir, "data", f"process_{pid}.pending.npz")) as held:
+    return position - int(held["count"])
+
+
 def _model_config():
   gin.clear_config()
   try:
@@ -132,8 +125,7 @@ def _start_pair(model_dir, address, extra=()):
   """The two processes of a 2-process run on loopback, stdout to files (read while they run)."""
   procs = []
   for pid in range(2):
-    env = _env(4, SIMVLM_COORDINATOR_ADDRESS=address, SIMVLM_NUM_PROCESSES="2",
-               SIMVLM_PROCESS_ID=str(pid))
+    env = pair_env(4, address, pid)
     os.makedirs(model_dir, exist_ok=True)
     out = open(os.path.join(os.path.dirname(model_dir), f"{os.path.basename(model_dir)}_{pid}.out"),
                "w+")
@@ -164,10 +156,10 @@ def runs(tmp_path_factory):
   two-process run takes each step in two microbatches on a data 4 x model 2 mesh."""
   tmp = tmp_path_factory.mktemp("runs")
   single, multi = str(tmp / "single"), str(tmp / "multi")
-  procs = [subprocess.Popen(_command(single, EVAL), cwd=REPO, env=_env(8),
+  procs = [subprocess.Popen(_command(single, EVAL), cwd=REPO, env=process_env(8),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
   single_out, = _wait_all(procs)
-  multi_out0, multi_out1 = _wait_pair(_start_pair(multi, f"127.0.0.1:{_free_port()}",
+  multi_out0, multi_out1 = _wait_pair(_start_pair(multi, f"127.0.0.1:{free_port()}",
                                                      [*EVAL, *MICROBATCHES]))
   return single, multi, (single_out, multi_out0, multi_out1)
 
@@ -197,11 +189,11 @@ def test_two_processes_match_one(runs):
   for tag in ("eval/loss", "eval/accuracy"):
     np.testing.assert_allclose(got[tag][STEPS], expected[tag][STEPS], rtol=1e-5, err_msg=tag)
 
-  # Both processes wrote their shards and their iterator position into the same step directory.
+  # Both processes wrote their shards and their iterator position into the same step directory:
+  # the loop's position, the iterator's less the batches the prefetcher had read ahead (saved).
   step_dir = os.path.join(multi, "checkpoints", str(STEPS))
   for pid in range(2):
-    with open(os.path.join(step_dir, "data", f"process_{pid}.json")) as f:
-      assert json.load(f) == {"position": STEPS}
+    assert _loop_position(step_dir, pid) == STEPS
     assert os.path.isdir(os.path.join(step_dir, "state", f"ocdbt.process_{pid}"))
 
   # One process, another mesh (data 2 x fsdp 2 x model 2): the 2-process checkpoint restores to the
@@ -240,12 +232,11 @@ def test_predict_in_two_processes_matches_one(tmp_path, tiny_config):
   command = [sys.executable, "-m", "simvlm_jax.predict", f"--checkpoint_dir={model_dir}",
              f"--image={photos}", "--format=json", "--max_decode_length=5", "--batch_size=8"]
   pipe = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  single, = _wait_all([subprocess.Popen(command, env=_env(1), **pipe)])
-  address = f"127.0.0.1:{_free_port()}"
+  single, = _wait_all([subprocess.Popen(command, env=process_env(1), **pipe)])
+  address = f"127.0.0.1:{free_port()}"
   out0, out1 = _wait_all([subprocess.Popen(
       [*command, "--mesh=-1,1,1"], **pipe,
-      env=_env(4, SIMVLM_COORDINATOR_ADDRESS=address, SIMVLM_NUM_PROCESSES="2",
-               SIMVLM_PROCESS_ID=str(pid))) for pid in range(2)])
+      env=pair_env(4, address, pid)) for pid in range(2)])
   want, got = ([json.loads(line) for line in out.splitlines()] for out in (single, out0))
   assert out1 == "" and len(got) == len(want) == 5
   assert [g["image"] for g in got] == [w["image"] for w in want]
@@ -379,7 +370,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
   ends with the parameters of the uninterrupted 2-process run, bit for bit."""
   _, reference, _ = runs
   model_dir = str(tmp_path / "preempted")
-  procs = _start_pair(model_dir, f"127.0.0.1:{_free_port()}", MICROBATCHES)  # as the reference
+  procs = _start_pair(model_dir, f"127.0.0.1:{free_port()}", MICROBATCHES)  # as the reference
   deadline = time.time() + TIMEOUT_S
   while True:  # SIGTERM to process 1 once process 0 has logged step 2.
     procs[0].log.seek(0)
@@ -397,10 +388,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
   assert 2 <= step < STEPS and int(stops[0].group(3)) == step
   assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [str(step)]
   for pid in range(2):
-    with open(os.path.join(model_dir, "checkpoints", str(step), "data", f"process_{pid}.json")) as f:
-      assert json.load(f) == {"position": step}
+    assert _loop_position(os.path.join(model_dir, "checkpoints", str(step)), pid) == step
 
-  log0, _ = _wait_pair(_start_pair(model_dir, f"127.0.0.1:{_free_port()}", MICROBATCHES))
+  log0, _ = _wait_pair(_start_pair(model_dir, f"127.0.0.1:{free_port()}", MICROBATCHES))
   assert f"resumed from checkpoint {step}" in log0
   assert _progress_steps(log0) == list(range(step + 1, STEPS + 1))
   trainer = Trainer(_model_config(), Partitioner(mesh_shape=(-1, 1, 1)), STEPS)

@@ -11,7 +11,7 @@ import optax
 import pytest
 import tensorflow as tf
 
-from simvlm_jax import gin_utils, objectives, train, trainer
+from simvlm_jax import evaluators, gin_utils, objectives, train, trainer
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.errors import UserError
 from simvlm_jax.partitioning import Partitioner
@@ -215,7 +215,44 @@ def test_checkpoints_keep_the_newest_the_best_and_every_period(tmp_path):
   kept = sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints")) if d.isdigit())
   assert kept == sorted({worst, 4, 8}), (kept, losses)
   _parse([b for b in bindings if "eval" not in b.split("=")[0]])
-  with pytest.raises(UserError, match="ranks checkpoints by an evaluation: set "
-                     "train.eval_iterator_fn and train.eval_every too"):
+  with pytest.raises(UserError, match="ranks checkpoints by an evaluation: name a scalar one "
+                     r"writes, eval/<name>/<metric> of train.evaluators \(none set\), or "
+                     "eval/loss with train.eval_iterator_fn and train.eval_every set"):
     train.train()
   gin.clear_config()
+
+
+def test_keep_best_by_must_name_what_an_evaluation_writes():
+  """Before the run: the evaluator must exist (or the teacher-forced eval be set); at the first
+  evaluation of that evaluator: the metric must be one it wrote (a typo names the real ones)."""
+  official = {"vqa": evaluators.OfficialMetric(task="shapes_vqa_v2", every=10)}
+  train._check_keep_best_by("eval/vqa/accuracy", official, teacher_forced=False)
+  train._check_keep_best_by("eval/loss", {}, teacher_forced=True)
+  for name, specs, teacher_forced in (("eval/vqa/accuracy", {}, True),
+                                      ("eval/loss", official, False), ("loss", {}, True)):
+    with pytest.raises(UserError, match="ranks checkpoints by an evaluation"):
+      train._check_keep_best_by(name, specs, teacher_forced)
+  scores = {"eval/loss": 2.0, "eval/accuracy": 0.5, "eval/vqa/accuracy": 40.0,
+            "eval/vqa/per_answer_type/number": 30.0}
+  train._check_ranked("eval/vqa/accuracy", scores)
+  train._check_ranked("eval/vqa/accuracy", {"eval/loss": 2.0})  # vqa not due at this step
+  with pytest.raises(UserError, match="'eval/vqa/acuracy': that evaluation writes "
+                     "eval/vqa/accuracy, eval/vqa/per_answer_type/number$"):
+    train._check_ranked("eval/vqa/acuracy", scores)
+  with pytest.raises(UserError, match="that evaluation writes eval/accuracy, eval/loss$"):
+    train._check_ranked("eval/los", scores)
+
+
+def test_evaluator_settings_are_checked_before_the_run():
+  ok = evaluators.OfficialMetric(task="shapes_coco_captions", every=5)
+  assert evaluators.check({"zero_shot": ok}) == {"zero_shot": ok} and evaluators.check(None) == {}
+  for specs, message in (
+      ({"a/b": ok}, "'a/b' is not a usable evaluator name"),
+      ({"x": evaluators.OfficialMetric(task="shapes_coco_captions", every=0)},
+       r"train.evaluators\['x'\].every must be a positive integer, got 0"),
+      ({"x": evaluators.OfficialMetric(task="imagenet", every=5)}, "no metric for task 'imagenet'"),
+      ({"x": evaluators.OfficialMetric(task="vqa_v2", every=5, vqa_metric_version="2019")},
+       "2019"),
+      (["shapes_vqa_v2"], "train.evaluators must be a dict of name -> @OfficialMetric()")):
+    with pytest.raises(UserError, match=message):
+      evaluators.check(specs)
