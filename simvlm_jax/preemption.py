@@ -31,6 +31,7 @@ class PreemptionWatcher:
     self.received: Optional[str] = None  # the first signal this process received, e.g. "SIGTERM"
     self._multi = jax.process_count() > 1
     self._previous = {}
+    self._notice: Optional[str] = None  # printed by the next `reached`
 
   def __enter__(self) -> "PreemptionWatcher":
     if threading.current_thread() is not threading.main_thread():
@@ -53,13 +54,18 @@ class PreemptionWatcher:
     if signum == signal.SIGINT and self.received == "SIGINT":
       raise KeyboardInterrupt  # the second Ctrl-C
     self.received = self.received or name
-    print(f"{name} received: stopping after the step in flight to save a checkpoint"
-          + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), flush=True)
+    # Printed by the loop's next `reached`, not here: the signal can arrive while the main thread
+    # is inside a print to the same stream, and printing again raises "reentrant call".
+    self._notice = (f"{name} received: stopping after the step in flight to save a checkpoint"
+                    + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""))
     if self._multi and signum != signal.SIGTERM:
       os.kill(os.getpid(), signal.SIGTERM)  # hand it to JAX's preemption notifier
 
   def reached(self, step: int) -> bool:
     """Whether to stop after `step` (call after every step with increasing steps)."""
+    if self._notice is not None:
+      print(self._notice, flush=True)
+      self._notice = None
     if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.received is not None

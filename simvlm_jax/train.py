@@ -389,7 +389,8 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
       progress.measure_against(flops.batch_flops(trainer.config, batch, jax.process_count()),
                                *_peak(trainer.config, log))
     if profile and step == profile[0]:  # profile: (steps before the first traced, last traced)
-      jax.profiler.start_trace(model_dir)
+      with data.paused():
+        jax.profiler.start_trace(model_dir)
       tracing = True
     state, metrics = trainer.train_step(state, device_batch)
     done = step + 1
@@ -404,7 +405,8 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
     if done % log_every == 0 or done == end:
       progress.close_window(done)
     if tracing and done == profile[1]:
-      tracing = _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
+      with data.paused():
+        tracing = _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
     scores = {}
     if eval_iterator_fn is not None and eval_every and (done % eval_every == 0 or done == end):
       progress.flush()
@@ -434,7 +436,8 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
       ckpt.save(state, data, force=(done == end) or ranked, step=done,
                 metrics=scores if ranked else None)
   if tracing:  # the run stopped inside the window
-    _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
+    with data.paused():
+      _stop_trace(state, f"{profile[0] + 1}-{done}", model_dir, log)
   progress.flush()
   guard.flush()
   writer.flush()

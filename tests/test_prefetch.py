@@ -128,3 +128,25 @@ def test_the_iterators_attributes_pass_through_and_restore_comes_first(tmp_path)
   feed.close()
   with pytest.raises(ValueError, match="prefetch depth must be an integer >= 0"):
     DevicePrefetcher(data, _put, depth=-1)
+
+
+def _wait_for(condition, timeout=10.0):
+  deadline = time.time() + timeout
+  while not condition() and time.time() < deadline:
+    time.sleep(0.01)
+  assert condition()
+
+
+def test_paused_holds_the_thread_between_batches():
+  """The train loop pauses the thread around a profiler's start and stop."""
+  data = Counting()
+  feed = DevicePrefetcher(data, _put, depth=2)
+  next(feed)
+  _wait_for(lambda: data.reads == 4)  # 1 taken, 2 ready, 1 read and waiting for room
+  with feed.paused():
+    assert _ids(_take(feed, 2)) == [1, 2]  # room in the queue, but no new read
+    time.sleep(0.2)
+    assert data.reads == 4
+  _wait_for(lambda: data.reads == 6)
+  assert _ids(_take(feed, 3)) == [3, 4, 5]
+  feed.close()

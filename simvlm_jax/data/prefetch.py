@@ -11,6 +11,7 @@ A restored prefetcher hands those out first, so a resumed run sees exactly the b
 without prefetching would.
 """
 import collections
+import contextlib
 import io
 import queue
 import threading
@@ -33,7 +34,7 @@ class DevicePrefetcher(Iterator[tuple[Any, Any]]):
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
       raise ValueError(f"the prefetch depth must be an integer >= 0, got {depth!r}")
     self._data, self._put, self._depth = data, put, depth
-    self._lock = threading.Lock()
+    self._lock = threading.RLock()  # `paused` holds it while the loop may still take batches
     self._pending = collections.deque()  # read from `data` (or replayed), not yet taken
     self._replay = collections.deque()  # restored pending batches, handed out before `data`'s
     self._ready: queue.Queue = queue.Queue(maxsize=max(depth, 1))
@@ -67,10 +68,10 @@ class DevicePrefetcher(Iterator[tuple[Any, Any]]):
   def _produce(self) -> None:
     while not self._stop.is_set():
       try:
-        with self._lock:
+        with self._lock:  # held while reading and placing: `paused` waits for a whole item
           host = self._replay.popleft() if self._replay else next(self._data)
           self._pending.append(host)
-        item = (host, self._put(host))
+          item = (host, self._put(host))
       except StopIteration:
         item = _DONE
       except BaseException as e:  # pylint: disable=broad-except  (raised in the loop's thread)
@@ -83,6 +84,14 @@ class DevicePrefetcher(Iterator[tuple[Any, Any]]):
           continue
       if item is _DONE or isinstance(item, BaseException):
         return
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Holds the thread between batches (it neither reads nor places one) for the duration:
+    starting and stopping a profiler trace while another thread moves data to the devices is
+    where JAX runs have crashed (a segfault at `stop_trace`)."""
+    with self._lock:
+      yield
 
   def close(self) -> None:
     """Stops the thread (batches it holds are dropped; a checkpoint saved earlier keeps them)."""
