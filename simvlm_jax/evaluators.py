@@ -378,6 +378,9 @@ class Running:
           beam_size=spec.beam_size, alpha=spec.alpha, max_decode_length=spec.max_decode_length,
           max_examples=spec.max_examples, partitioner=partitioner)
 
+  def due(self, step: int, last: int) -> bool:
+    return any(spec.due(step, last) for spec in self.specs.values())
+
   def __call__(self, step: int, last: int, params: Any) -> tuple[dict[str, float], list[str]]:
     """The scalars of the evaluators due at `step` ({"eval/<name>/<metric>": value}) and their
     console lines."""

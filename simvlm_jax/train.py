@@ -413,7 +413,7 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
       scores = evaluate(trainer, state.params, eval_iterator_fn, eval_batches)
       log(f"step {done} | " + " | ".join(
           f"{k} {v:.0f}" if k == "eval/examples" else f"{k} {v:.4f}" for k, v in scores.items()))
-    if evaluators:
+    if evaluators and evaluators.due(done, end):
       progress.flush()
       official, lines = evaluators(done, end, state.params)
       scores.update(official)

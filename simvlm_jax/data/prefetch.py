@@ -34,7 +34,7 @@ class DevicePrefetcher(Iterator[tuple[Any, Any]]):
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
       raise ValueError(f"the prefetch depth must be an integer >= 0, got {depth!r}")
     self._data, self._put, self._depth = data, put, depth
-    self._lock = threading.RLock()  # `paused` holds it while the loop may still take batches
+    self._lock = threading.Lock()  # the thread's read-and-place, against `save` and `paused`
     self._pending = collections.deque()  # read from `data` (or replayed), not yet taken
     self._replay = collections.deque()  # restored pending batches, handed out before `data`'s
     self._ready: queue.Queue = queue.Queue(maxsize=max(depth, 1))
@@ -61,8 +61,9 @@ class DevicePrefetcher(Iterator[tuple[Any, Any]]):
     if isinstance(item, BaseException):
       self._ready.put(item)
       raise item
-    with self._lock:
-      self._pending.popleft()
+    # No lock: the thread only appends (deque ends are thread-safe), and `save` runs in this
+    # thread, so waiting here for the thread's batch in flight would put it back on the step.
+    self._pending.popleft()
     return item
 
   def _produce(self) -> None:
