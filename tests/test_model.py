@@ -207,6 +207,60 @@ def test_target_padding_never_contributes_to_the_loss(arch_setup):
 
 # --- 2D relative position bias -------------------------------------------------------------------
 
+@pytest.mark.parametrize("x_shape,kernel_shape,in_axes", [
+    ((3, 5, 6), (6, 4), 1),  # [batch, length, embed] x [embed, mlp]
+    ((3, 5, 6), (6, 2, 4), 1),  # x [embed, heads, kv]: the attention projections
+    ((3, 5, 2, 4), (2, 4, 6), 2),  # [.., heads, kv] x [heads, kv, embed]: the output projection
+    ((7, 6), (6, 4), 1)])
+def test_dense_contraction_and_its_gradients_equal_the_plain_product(x_shape, kernel_shape,
+                                                                     in_axes):
+  """layers.contract has hand-written gradients (two flat matrix products, for XLA's CPU
+  backend): value, input and kernel gradients equal einsum's and autodiff's."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+  cotangent = jax.random.normal(jax.random.key(2), x_shape[:-in_axes] + kernel_shape[in_axes:])
+  letters = "abcdefgh"
+  batch, inner = letters[:len(x_shape) - in_axes], "xyz"[:in_axes]
+  out = "pq"[:len(kernel_shape) - in_axes]
+  spec = f"{batch}{inner},{inner}{out}->{batch}{out}"
+  np.testing.assert_allclose(layers.contract(x, kernel, in_axes), jnp.einsum(spec, x, kernel),
+                             rtol=1e-5, atol=1e-5)
+  ours = jax.grad(lambda x, k: jnp.sum(layers.contract(x, k, in_axes) * cotangent), (0, 1))(
+      x, kernel)
+  plain = jax.grad(lambda x, k: jnp.sum(jnp.einsum(spec, x, k) * cotangent), (0, 1))(x, kernel)
+  # By hand for the kernel: the sum over rows of x's outer product with the cotangent.
+  rows = int(np.prod(x_shape[:-in_axes]))
+  by_hand = (np.asarray(x).reshape(rows, -1).T @ np.asarray(cotangent).reshape(rows, -1))
+  for got, want in zip(ours, plain):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours[1], by_hand.reshape(kernel_shape), rtol=1e-5, atol=1e-5)
+  # Under jit and in bfloat16 (the cast happens outside: gradients come back in the input dtype).
+  x16, k16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  g16 = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.contract(x, k, in_axes).astype(jnp.float32)
+                                               * cotangent), (0, 1)))(x16, k16)
+  assert [g.dtype for g in g16] == [jnp.bfloat16, jnp.bfloat16]
+  np.testing.assert_allclose(np.asarray(g16[1], np.float32), ours[1], rtol=0.05, atol=0.1)
+
+
+def test_logits_against_the_embedding_table_and_their_gradients():
+  """layers.contract_rows (the tied output layer, hand-written gradients) equals einsum and
+  autodiff: `[batch, length, embed] . [vocab, embed] -> [batch, length, vocab]`."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 6))
+  table = jax.random.normal(jax.random.key(1), (11, 6))
+  cotangent = jax.random.normal(jax.random.key(2), (2, 3, 11))
+  np.testing.assert_allclose(layers.contract_rows(x, table), jnp.einsum("ble,ve->blv", x, table),
+                             rtol=1e-5, atol=1e-5)
+  ours = jax.grad(lambda x, t: jnp.sum(layers.contract_rows(x, t) * cotangent), (0, 1))(x, table)
+  plain = jax.grad(lambda x, t: jnp.sum(jnp.einsum("ble,ve->blv", x, t) * cotangent), (0, 1))(
+      x, table)
+  for got, want in zip(ours, plain):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  by_hand = np.asarray(cotangent).reshape(6, 11).T @ np.asarray(x).reshape(6, 6)
+  np.testing.assert_allclose(ours[1], by_hand, rtol=1e-5, atol=1e-5)
+
+
 def test_relative_position_index_g2():
   # Tokens (row, col): 0=(0,0) 1=(0,1) 2=(1,0) 3=(1,1); bucket = (dy + 1) * 3 + (dx + 1).
   np.testing.assert_array_equal(layers.relative_position_index(2),

@@ -4,6 +4,7 @@ Parameter axes: embed, mlp, heads, kv, vocab, relpos_buckets, image_pos, text_po
 conv_width, conv_in, conv_out. Activation axes: batch, length, embed, mlp, heads, kv, vocab.
 `simvlm_jax/partitioning.py` maps these names to mesh axes; nothing here names a mesh axis.
 """
+import functools
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -22,6 +23,58 @@ def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def contract(x: Array, kernel: Array, in_axes: int) -> Array:
+  """`x: [..., *in] . kernel: [*in, *out] -> [..., *out]`, the trailing `in_axes` dims contracted.
+
+  Its gradients are two plain matrix products of the flattened operands (`[rows, in] x [in, out]`
+  shapes). Left to autodiff, XLA's CPU backend fuses the activation's derivative into a transposed
+  copy of the incoming gradient for the kernel's gradient: an MLP block's backward pass took 40%
+  longer than the same products (benchmarks/RESULTS.md, "Dense gradients").
+  """
+  return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - in_axes, x.ndim)),
+                                          tuple(range(in_axes))), ((), ())))
+
+
+def _contract_fwd(x, kernel, in_axes):
+  return contract(x, kernel, in_axes), (x, kernel)
+
+
+def _contract_bwd(in_axes, residuals, g):
+  x, kernel = residuals
+  size_in = int(np.prod(kernel.shape[:in_axes]))
+  rows = x.size // size_in
+  x2, g2, k2 = x.reshape(rows, size_in), g.reshape(rows, -1), kernel.reshape(size_in, -1)
+  dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())))  # [rows, in]
+  dk = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))  # [in, out]
+  return dx.reshape(x.shape).astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+contract.defvjp(_contract_fwd, _contract_bwd)
+
+
+@jax.custom_vjp
+def contract_rows(x: Array, table: Array) -> Array:
+  """`x: [..., embed] . table: [rows, embed] -> [..., rows]` (the tied output layer's logits), with
+  flat matrix products for gradients as `contract` has, and no transposed copy of the table."""
+  return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _contract_rows_fwd(x, table):
+  return contract_rows(x, table), (x, table)
+
+
+def _contract_rows_bwd(residuals, g):
+  x, table = residuals
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dx = jax.lax.dot_general(g2, table, (((1,), (0,)), ((), ())))  # [tokens, embed]
+  dtable = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())))  # [rows, embed]
+  return dx.reshape(x.shape).astype(x.dtype), dtable.astype(table.dtype)
+
+
+contract_rows.defvjp(_contract_rows_fwd, _contract_rows_bwd)
+
+
 class Dense(nn.Module):
   """A bias-free projection `[..., *in_dims] -> [..., *features]` with named kernel axes."""
   features: Sequence[int]
@@ -38,10 +91,7 @@ class Dense(nn.Module):
         "kernel",
         nn.with_logical_partitioning(self._init, tuple(self.kernel_axes)),
         tuple(in_shape) + features, jnp.float32)
-    kernel = kernel.astype(self.dtype)
-    contract_x = tuple(range(x.ndim - self.in_axes, x.ndim))
-    contract_k = tuple(range(self.in_axes))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel, ((contract_x, contract_k), ((), ())))
+    return contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_axes)
 
   def _init(self, key, shape, dtype):
     # Fan-in is the product of the contracted dims, so reshape to 2D for the initializer.
@@ -218,8 +268,9 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """Logits `[batch, length, vocab]` from `[batch, length, embed]` (scaled, as in T5 with tying)."""
-    logits = jnp.einsum("ble,ve->blv", x.astype(self.dtype), self.embedding.astype(self.dtype))
-    return logits / np.sqrt(self.emb_dim).astype(self.dtype)
+    # Scaled before the product: a pass over `[batch, length, embed]`, not over the logits.
+    x = x.astype(self.dtype) / np.sqrt(self.emb_dim).astype(self.dtype)
+    return contract_rows(x, self.embedding.astype(self.dtype))
 
 
 class PositionEmbedding(nn.Module):
