@@ -146,12 +146,22 @@ def _gather_cache(cache: Any, beam_idx: Array, batch_axis: int) -> Any:
   batch, k = beam_idx.shape
 
   def gather(path, x):
-    if getattr(path[-1], "key", None) == "cache_index":
-      return x  # shared by all rows.
+    # The index is shared by all rows. Cross-attention keys/values are projected from the
+    # encoder output, the same for every beam of a row: reordering beams leaves them as they are
+    # (gathering them anyway moved ~0.5 GB a step for Base at batch 8 x 4 beams).
+    if getattr(path[-1], "key", None) in ("cache_index", "cross_key", "cross_value"):
+      return x
     x = jnp.moveaxis(x, batch_axis, 0)
     y = _gather_beams(x.reshape((batch, k) + x.shape[1:]), beam_idx).reshape(x.shape)
     return jnp.moveaxis(y, 0, batch_axis)
   return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+def _repeat_cache(cache: Any, k: int, batch_axis: int) -> Any:
+  """Each row of a decoding cache's `[..., batch, ...]` leaves repeated `k` times (its beams)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if getattr(path[-1], "key", None) == "cache_index"
+      else jnp.repeat(x, k, axis=batch_axis), cache)
 
 
 def beam_search(model: SimVLM, params, images: Optional[Array], prompt_tokens: Array,
@@ -164,7 +174,10 @@ def beam_search(model: SimVLM, params, images: Optional[Array], prompt_tokens: A
   """
   batch, k, steps = prompt_tokens.shape[0], beam_size, max_decode_length
   rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
-  encoded, mask, cache = _prefill(model, params, rep(images), rep(prompt_tokens), steps)
+  # The prefix is encoded once per row, then copied to its k beams (not encoded k times).
+  encoded, mask, cache = _prefill(model, params, images, prompt_tokens, steps)
+  encoded, mask = rep(encoded), rep(mask)
+  cache = _repeat_cache(cache, k, batch_axis=1 if model.config.scan_layers else 0)
   start_pos = _positions(rep(prompt_tokens))
   forced = rep(forced_tokens)
   step_fn = functools.partial(_apply_step, model, params, encoded=encoded, encoder_mask=mask,

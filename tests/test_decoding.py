@@ -13,8 +13,8 @@ from simvlm_jax.models import SimVLM
 ARCHS = ["encoder_decoder", "decoder_only"]
 
 
-def _setup(tiny_config, arch, vocab=64, batch=2):
-  config = tiny_config(architecture=arch, vocab_size=vocab)
+def _setup(tiny_config, arch, vocab=64, batch=2, **overrides):
+  config = tiny_config(architecture=arch, vocab_size=vocab, **overrides)
   model = SimVLM(config)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (batch, 32, 32, 3)), jnp.uint8)
@@ -50,6 +50,46 @@ def test_cached_steps_equal_full_forward(tiny_config, arch):
     token = tokens[:, step]
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_reordering_beams_moves_self_attention_caches_only(tiny_config, scan):
+  """Beam search reorders the self-attention caches by the chosen beams and leaves the
+  cross-attention keys/values where they are: those are the same for every beam of a row (all
+  projected from the row's encoder output), which is what makes not moving them exact."""
+  model = SimVLM(tiny_config(scan_layers=scan, vocab_size=64))
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+  prompt = jnp.array([[2, 3, 4, 0], [4, 3, 0, 0]], jnp.int32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), images, prompt, prompt, prompt)["params"]
+  k = 3
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  encoded, mask, cache = jax.jit(decoding._prefill, static_argnums=(0, 4))(
+      model, params, rep(images), rep(prompt), 5)
+  _, cache = jax.jit(decoding._apply_step, static_argnums=(0, 8))(  # the first step makes them
+      model, params, cache, encoded, mask, jnp.zeros(2 * k, jnp.int32),
+      decoding._positions(rep(prompt)), jnp.int32(0), 5)
+  # Fill the self-attention caches with row-distinct values, as decoding steps would.
+  cache = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)
+      if path[-1].key in ("cached_key", "cached_value") else x, cache)
+  beam_idx = jnp.array([[2, 2, 0], [1, 0, 1]])  # row 0 keeps beam 2 twice and beam 0; ...
+  batch_axis = 1 if scan else 0
+  moved = decoding._gather_cache(cache, beam_idx, batch_axis=batch_axis)
+  rows = (np.arange(2)[:, None] * k + np.asarray(beam_idx)).reshape(-1)
+  names = set()
+  for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(cache)[0],
+                                   jax.tree.leaves(moved)):
+    name = path[-1].key
+    names.add(name)
+    before, after = np.asarray(before), np.asarray(after)
+    if name in ("cached_key", "cached_value"):
+      np.testing.assert_array_equal(after, np.take(before, rows, axis=batch_axis))
+    else:
+      np.testing.assert_array_equal(after, before)
+    if name in ("cross_key", "cross_value"):  # the same for every beam of a row
+      per_row = np.moveaxis(before, batch_axis, 0).reshape(2, k, -1)
+      np.testing.assert_array_equal(per_row, np.repeat(per_row[:, :1], k, axis=1))
+  assert names == {"cached_key", "cached_value", "cache_index", "cross_key", "cross_value"}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_is_argmax_of_teacher_forcing(tiny_config, arch):
   model, params, images, prompt = _setup(tiny_config, arch)
@@ -64,6 +104,18 @@ def test_greedy_is_argmax_of_teacher_forcing(tiny_config, arch):
     assert not toks[n:].any()
     logp = jax.nn.log_softmax(jnp.asarray(logits[row]))
     np.testing.assert_allclose(out.scores[row], sum(logp[i, toks[i]] for i in range(n)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_attention_decodes_as_plain(tiny_config, arch):
+  """Cached decoding with `attention="fused"` (`jax.nn.dot_product_attention`, which takes the
+  cache's heads-major keys/values back in its own layout) gives plain attention's beams."""
+  model, params, images, prompt = _setup(tiny_config, arch)
+  fused = SimVLM(tiny_config(architecture=arch, vocab_size=64, attention="fused"))
+  plain, got = (jax.jit(lambda p, m=m: decoding.beam_search(m, p, images, prompt, 5, beam_size=2))(
+      params) for m in (model, fused))
+  np.testing.assert_array_equal(got.tokens, plain.tokens)
+  np.testing.assert_allclose(got.scores, plain.scores, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -93,9 +145,12 @@ def _brute_force_best(model, params, images, prompt, vocab, length, alpha):
   return best
 
 
-def test_beam_search_finds_brute_force_best(tiny_config):
+@pytest.mark.parametrize("arch,scan", [("encoder_decoder", False), ("decoder_only", True)])
+def test_beam_search_finds_brute_force_best(tiny_config, arch, scan):
+  """Exhaustive beam search finds the best sequence; the decoder-only model with scanned layers
+  also checks that the prefix's cache (filled once per row) is copied to every beam."""
   vocab, length, alpha = 5, 3, 0.6
-  model, params, images, prompt = _setup(tiny_config, "encoder_decoder", vocab=vocab)
+  model, params, images, prompt = _setup(tiny_config, arch, vocab=vocab, scan_layers=scan)
   # With as many beams as live prefixes ((vocab - 2) ** (length - 1)), beam search is exhaustive.
   out = jax.jit(lambda p: decoding.beam_search(model, p, images, prompt, length, beam_size=9,
                                                alpha=alpha))(params)

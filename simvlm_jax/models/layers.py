@@ -184,9 +184,9 @@ class MultiHeadAttention(nn.Module):
   (True = may attend), `bias: [heads, q_len, kv_len]` or None.
 
   Cache modes (the 'cache' collection, created by the first call with `mutable=['cache']`):
-    "self":  keys/values of `kv_in` are written at `cache_index` into a `[batch, cache_length,
-             heads, kv]` buffer and the queries attend over the whole buffer; `mask` then covers
-             the buffer, `[batch, q_len, cache_length]`.
+    "self":  keys/values of `kv_in` are written at `cache_index` into a `[batch, heads,
+             cache_length, kv]` buffer and the queries attend over the whole buffer; `mask` then
+             covers the buffer, `[batch, q_len, cache_length]`.
     "cross": keys/values of `kv_in` (the encoder output) are projected on the first call only and
              reused by every later step.
 
@@ -210,22 +210,31 @@ class MultiHeadAttention(nn.Module):
     q = proj("query")(q_in) / np.sqrt(self.head_dim).astype(self.dtype)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     key_proj, value_proj = proj("key"), proj("value")
+    # Cached keys/values are kept `[batch, heads, length, kv]` (heads-major), so each decoding
+    # step's products read them in place: kept `[batch, length, heads, kv]`, XLA's CPU backend
+    # transposed every layer's cache at every step (most of a batched Base beam search's time).
+    # Training keeps the projections' own layout (a transpose there made the step slower).
+    kv_axes, kv_names = (("bhkd", ("batch", "heads", "length", "kv")) if cache else
+                         ("bkhd", ("batch", "length", "heads", "kv")))
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)
     if cache == "cross":
-      k = self.variable("cache", "cross_key", lambda: key_proj(kv_in)).value
-      v = self.variable("cache", "cross_value", lambda: value_proj(kv_in)).value
+      k = self.variable("cache", "cross_key", lambda: heads_major(key_proj(kv_in))).value
+      v = self.variable("cache", "cross_value", lambda: heads_major(value_proj(kv_in))).value
+    elif cache == "self":
+      k, v = self._update_cache(heads_major(key_proj(kv_in)), heads_major(value_proj(kv_in)),
+                                cache_length)
     else:
       k, v = key_proj(kv_in), value_proj(kv_in)
-    if cache == "self":
-      k, v = self._update_cache(k, v, cache_length)
-    k = constrain(k, ("batch", "length", "heads", "kv"))
-    v = constrain(v, ("batch", "length", "heads", "kv"))
+    k, v = constrain(k, kv_names), constrain(v, kv_names)
     if self.implementation == "fused" and (deterministic or self.dropout_rate == 0.0):
+      if cache:  # the kernel's [batch, length, heads, kv]
+        k, v = heads_major(k), heads_major(v)
       out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None],
                                          mask=mask[:, None], scale=1.0)
       # As below: a query with no valid key reads nothing (the fused kernel would average).
       out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(self.dtype)
     else:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      logits = jnp.einsum(f"bqhd,{kv_axes}->bhqk", q, k).astype(jnp.float32)
       if bias is not None:
         logits = logits + bias[None]
       logits = jnp.where(mask[:, None], logits, NEG_INF)
@@ -234,20 +243,21 @@ class MultiHeadAttention(nn.Module):
       # get a uniform average over padding; zero it instead, so padding never contributes.
       probs = jnp.where(mask[:, None], probs, 0.0).astype(self.dtype)
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+      out = jnp.einsum(f"bhqk,{kv_axes}->bqhd", probs, v)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     return Dense((emb_dim,), ("heads", "kv", "embed"), in_axes=2, dtype=self.dtype, name="out")(out)
 
   def _update_cache(self, k: Array, v: Array, cache_length: int) -> Tuple[Array, Array]:
-    """Writes `k, v: [batch, q_len, heads, kv]` at the cache index; returns the full buffers."""
-    shape = (k.shape[0], cache_length) + k.shape[2:]
+    """Writes `k, v: [batch, heads, q_len, kv]` at the cache index; returns the full buffers
+    `[batch, heads, cache_length, kv]`."""
+    shape = k.shape[:2] + (cache_length, k.shape[3])
     cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-    start = (0, index.value, 0, 0)
+    start = (0, 0, index.value, 0)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
-    index.value = index.value + k.shape[1]
+    index.value = index.value + k.shape[2]
     return cached_k.value, cached_v.value
 
 
