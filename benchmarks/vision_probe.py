@@ -1,11 +1,13 @@
 r"""Can the image stage alone tell the shapes apart? A supervised probe on the shapes world.
 
   .venv/bin/python benchmarks/vision_probe.py [--steps 400] [--patchifier resnet|linear]
+      [--pool mean|max] [--learning_rate 2e-3]
       [--stem_width 32 --stage_widths 64 128 --stage_blocks 1 1] [--image_size 64]
 
 Trains SimVLM-Tiny's image stage (`simvlm_jax.models.conv_stage`, the model's own module and
-normalisation) plus mean pooling and a linear head, from scratch, to say which of the six shapes
-are in a scene (6 independent yes/no labels, the visual half of a caption's shape claims), and
+normalisation) plus pooling (mean or max over the image tokens) and a linear head, from scratch,
+to say which of the six shapes are in a scene (6 independent yes/no labels, the visual half of a
+caption's shape claims), and
 prints held-out accuracy: per label and per scene (all six right). If this probe learns the
 shapes quickly where PrefixLM pretraining does not, the image stage is not what holds captions
 back; if it does not, it is. Pure JAX on rendered numpy images: no TFDS build needed.
@@ -44,6 +46,9 @@ def main(argv=None) -> None:
   parser.add_argument("--patchifier", default="resnet", choices=["resnet", "linear", "plain"],
                       help="plain: a reference CNN (3x3 convs, ReLU, no normalisation), not the "
                            "model's")
+  parser.add_argument("--pool", default="mean", choices=["mean", "max"],
+                      help="how the head pools the image tokens (max: an object on a few tokens "
+                           "is not averaged away)")
   parser.add_argument("--patch_size", type=int, default=8)
   parser.add_argument("--stem_width", type=int, default=32)
   parser.add_argument("--stage_widths", type=int, nargs="+", default=[64, 128])
@@ -74,7 +79,8 @@ def main(argv=None) -> None:
       else:
         stage = _plain_cnn
       tokens = stage(x, deterministic=True)  # [batch, patches, 128]
-      return nn.Dense(train_y.shape[1])(nn.LayerNorm()(tokens.mean(axis=1)))
+      pooled = tokens.max(axis=1) if args.pool == "max" else tokens.mean(axis=1)
+      return nn.Dense(train_y.shape[1])(nn.LayerNorm()(pooled))
 
   start = time.time()
   train_x, train_y = _data(args.train_images, args.image_size, "train", args.target)

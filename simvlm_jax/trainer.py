@@ -7,7 +7,8 @@ The objective splits every row on device from (seed, step, example index), so th
 and every random draw of step s are functions of (seed, s).
 """
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -69,12 +70,44 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype: Any) -> optax.Grad
   return optax.GradientTransformation(lambda params: cast(tx.init(params), dtype), update)
 
 
+def parameter_name(path) -> str:
+  """'patchify/stem_conv/kernel' for a parameter's tree path."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def scale_by_name(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+  """Multiplies the update of every parameter whose name (`parameter_name`) fully matches a
+  regex of `multipliers` by its value (the first that matches; big_vision's `lr_mults`): placed
+  after the optimizer, a learning-rate multiplier for those parameters, weight decay included.
+  A pattern that matches no parameter is refused when the state is created."""
+  patterns = [(re.compile(p), float(m)) for p, m in multipliers.items()]
+
+  def factor(path) -> float:
+    name = parameter_name(path)
+    return next((m for p, m in patterns if p.fullmatch(name)), 1.0)
+
+  def init(params):
+    names = [parameter_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    unmatched = [p.pattern for p, _ in patterns if not any(p.fullmatch(n) for n in names)]
+    if unmatched:
+      raise UserError(f"make_optimizer.lr_multipliers: {unmatched} match no parameter (names "
+                      f"look like {names[0]!r}; a pattern must match the whole name)")
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates), state
+  return optax.GradientTransformation(init, update)
+
+
 @gin.configurable
 def make_optimizer(schedule: optax.Schedule, name: str = "adamw", b1: float = 0.9,
                    b2: float = 0.999, weight_decay: float = 0.01, clip_norm: Optional[float] = 1.0,
                    eps: float = 1e-8, state_dtype: Optional[str] = None,
                    adafactor_decay_rate: float = 0.8, adafactor_min_dim_to_factor: int = 32,
-                   adafactor_parameter_scale: bool = True) -> optax.GradientTransformation:
+                   adafactor_parameter_scale: bool = True,
+                   lr_multipliers: Optional[Mapping[str, float]] = None
+                   ) -> optax.GradientTransformation:
   """Global-norm gradient clipping, then AdamW (the paper's) or Adafactor (t5x's default).
 
   Adafactor keeps factored second moments (for a tensor whose two largest dims are both >=
@@ -84,7 +117,9 @@ def make_optimizer(schedule: optax.Schedule, name: str = "adamw", b1: float = 0.
   against 1.86 GB); with `adafactor_parameter_scale` its steps are
   relative to each parameter's RMS (it wants a learning rate near 1e-2; see
   gin/optimizers/adafactor.gin). `state_dtype="bfloat16"` stores either one's state in bfloat16.
-  Weight decay skips norms, biases and other vectors in both.
+  Weight decay skips norms, biases and other vectors in both. `lr_multipliers` ({regex: factor}
+  over parameter names, e.g. {"patchify/.*": 3.0}) scales some parameters' learning rate
+  (`scale_by_name`).
   """
   chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   if name == "adamw":
@@ -98,6 +133,8 @@ def make_optimizer(schedule: optax.Schedule, name: str = "adamw", b1: float = 0.
         weight_decay_mask=_decay_mask))
   else:
     raise UserError(f"make_optimizer.name must be 'adamw' or 'adafactor', got {name!r}")
+  if lr_multipliers:
+    chain.append(scale_by_name(lr_multipliers))
   tx = optax.chain(*chain)
   if state_dtype is not None:
     if state_dtype not in ("bfloat16", "float32"):

@@ -98,3 +98,33 @@ def test_optimizer_settings_are_checked():
   with pytest.raises(UserError, match="state_dtype must be 'bfloat16', 'float32' or None, got "
                      "'float16'"):
     make_optimizer(lambda _: 1e-3, state_dtype="float16")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_learning_rate_multipliers_scale_the_named_parameters_updates(name):
+  """make_optimizer.lr_multipliers: the updates of the parameters whose names match are the
+  plain optimizer's times the factor (weight decay included), the rest are the plain ones."""
+  params = {"patchify": {"stem_conv": {"kernel": jnp.full((3, 3, 3, 4), 0.5)},
+                         "stem_norm": {"scale": jnp.ones(4)}},
+            "encoder": {"layer_0": {"mlp": {"wi": {"kernel": jnp.full((4, 8), -0.25)}}}}}
+  grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape), params)
+  plain = make_optimizer(lambda step: 1e-2, name=name, weight_decay=0.1)
+  scaled = make_optimizer(lambda step: 1e-2, name=name, weight_decay=0.1,
+                          lr_multipliers={"patchify/stem_conv/.*": 3.0, "encoder/.*": 0.5})
+  want, _ = plain.update(grads, plain.init(params), params)
+  got, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(got["patchify"]["stem_conv"]["kernel"],
+                             3.0 * want["patchify"]["stem_conv"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(got["encoder"]["layer_0"]["mlp"]["wi"]["kernel"],
+                             0.5 * want["encoder"]["layer_0"]["mlp"]["wi"]["kernel"], rtol=1e-6)
+  np.testing.assert_array_equal(got["patchify"]["stem_norm"]["scale"],
+                                want["patchify"]["stem_norm"]["scale"])
+  assert np.abs(want["patchify"]["stem_conv"]["kernel"]).min() > 0  # not a vacuous comparison
+
+
+def test_a_learning_rate_multiplier_that_matches_nothing_is_refused():
+  params = {"patchify": {"stem_conv": {"kernel": jnp.ones((3, 3))}}}
+  tx = make_optimizer(lambda step: 1e-3, lr_multipliers={"patchify": 3.0})  # not the whole name
+  with pytest.raises(UserError, match=r"^make_optimizer.lr_multipliers: \['patchify'\] match no "
+                                      r"parameter \(names look like 'patchify/stem_conv/kernel'"):
+    tx.init(params)
