@@ -261,6 +261,27 @@ def test_logits_against_the_embedding_table_and_their_gradients():
   np.testing.assert_allclose(ours[1], by_hand, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride,size,use_bias", [(1, 6, False), (2, 6, False), (2, 7, True)])
+def test_pointwise_conv_is_a_1x1_conv(stride, size, use_bias):
+  """conv_stage.PointwiseConv (a product over channels, flat gradients) gives nn.Conv's 1x1
+  convolution: same parameter tree, values and gradients, strided ("SAME") and odd sizes too."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  ours = conv_stage.PointwiseConv(5, stride, use_bias)
+  conv = nn.Conv(5, (1, 1), strides=(stride, stride), padding="SAME", use_bias=use_bias)
+  params = nn.unbox(ours.init(jax.random.key(1), x))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv.init(jax.random.key(1), x))
+  if use_bias:
+    params["params"]["bias"] = jnp.arange(5.0)
+  want = conv.apply(params, x)
+  np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5, atol=1e-5)
+  assert want.shape == (2, -(-size // stride), -(-size // stride), 5)
+  cotangent = jax.random.normal(jax.random.key(2), want.shape)
+  grads = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cotangent), (0, 1))(params, x)
+           for m in (ours, conv)]
+  for got, expected in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_relative_position_index_g2():
   # Tokens (row, col): 0=(0,0) 1=(0,1) 2=(1,0) 3=(1,1); bucket = (dy + 1) * 3 + (dx + 1).
   np.testing.assert_array_equal(layers.relative_position_index(2),

@@ -14,8 +14,39 @@ from simvlm_jax.models import layers
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 
 
+class PointwiseConv(nn.Module):
+  """A 1x1 convolution (stride s: every s-th pixel) as a product over channels,
+  `[b, h, w, c] -> [b, h/s, w/s, features]`, with nn.Conv's parameters (`kernel: [1, 1, c,
+  features]`, `bias`), so checkpoints are the same.
+
+  Through `layers.contract`'s flat gradients: XLA's CPU backend takes a 1x1 convolution's kernel
+  gradient through a transposed copy of its input (with the norm before it recomputed inside),
+  which made Base's conv stage backward 3.6x PyTorch's (benchmarks/RESULTS.md, "Conv stage").
+  """
+  features: int
+  stride: int = 1
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.he_normal(),
+                                                               CONV_AXES),
+                        (1, 1, channels, self.features), jnp.float32)
+    x = x[:, ::self.stride, ::self.stride].astype(self.dtype)
+    y = layers.contract(x, kernel.reshape(channels, self.features).astype(self.dtype), 1)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def _conv(features: int, kernel: int, stride: int = 1, use_bias: bool = False, dtype=jnp.float32,
           name=None):
+  if kernel == 1:
+    return PointwiseConv(features, stride, use_bias, dtype, name=name)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
                  kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), CONV_AXES),
