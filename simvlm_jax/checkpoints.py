@@ -341,11 +341,11 @@ def check_tree(state_dir: epath.Path, abstract: Any, what: str) -> None:
   saved = _saved_tree(state_dir)
   if saved is None:
     return
-  saved_shapes = {_path_name(p): tuple(getattr(v, "shape", ()) or ())
+  saved_shapes = {parameter_name(p): tuple(getattr(v, "shape", ()) or ())
                   for p, v in jax.tree_util.tree_leaves_with_path(saved)}
   problems = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
-    name = _path_name(path)
+    name = parameter_name(path)
     if name not in saved_shapes:
       problems.append(f"{name} is missing")
     elif saved_shapes[name] != tuple(leaf.shape):
@@ -366,7 +366,8 @@ def _read_params(state_dir: epath.Path, abstract_params: Any, restore_args: Any)
         partial_restore=True))["params"]
 
 
-def _path_name(path) -> str:
+def parameter_name(path) -> str:
+  """'patchify/stem_conv/kernel' for a parameter's tree path."""
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
@@ -414,12 +415,12 @@ def load_pretrained_params(init_from: str, target: Any) -> Tuple[Any, dict]:
     _quiet_failed_read()
     raise CheckpointError(f"init_from: {what} cannot be read ({root_cause(e)}); point init_from "
                           "at another step directory") from e
-  pretrained = {_path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  pretrained = {parameter_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
   report = {"loaded": [], "resized": [], "new": [], "unused": []}
   used = set()
 
   def pick(path, current):
-    name = _path_name(path)
+    name = parameter_name(path)
     value = pretrained.get(name)
     if value is None:
       report["new"].append(name)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from simvlm_jax import objectives
+from simvlm_jax import checkpoints, objectives
 from simvlm_jax.errors import UserError
 from simvlm_jax.models import ModelConfig, SimVLM
 from simvlm_jax.partitioning import Partitioner, box_like_params
@@ -70,24 +70,20 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype: Any) -> optax.Grad
   return optax.GradientTransformation(lambda params: cast(tx.init(params), dtype), update)
 
 
-def parameter_name(path) -> str:
-  """'patchify/stem_conv/kernel' for a parameter's tree path."""
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def scale_by_name(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
-  """Multiplies the update of every parameter whose name (`parameter_name`) fully matches a
-  regex of `multipliers` by its value (the first that matches; big_vision's `lr_mults`): placed
+  """Multiplies the update of every parameter whose name (`checkpoints.parameter_name`) fully
+  matches a regex of `multipliers` by its value (the first that matches; big_vision's `lr_mults`): placed
   after the optimizer, a learning-rate multiplier for those parameters, weight decay included.
   A pattern that matches no parameter is refused when the state is created."""
   patterns = [(re.compile(p), float(m)) for p, m in multipliers.items()]
 
   def factor(path) -> float:
-    name = parameter_name(path)
+    name = checkpoints.parameter_name(path)
     return next((m for p, m in patterns if p.fullmatch(name)), 1.0)
 
   def init(params):
-    names = [parameter_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    names = [checkpoints.parameter_name(path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     unmatched = [p.pattern for p, _ in patterns if not any(p.fullmatch(n) for n in names)]
     if unmatched:
       raise UserError(f"make_optimizer.lr_multipliers: {unmatched} match no parameter (names "

@@ -24,55 +24,43 @@ def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _product(x: Array, w: Array, w_rows_out: bool) -> Array:
+  """`x: [rows, in]` times `w: [in, out]`, or `w: [out, in]` when `w_rows_out`, -> `[rows, out]`,
+  its gradients two plain matrix products (`dx = g w^T`, `dw = x^T g`). Left to autodiff, XLA's
+  CPU backend fuses the derivative of what comes before into a transposed copy of an operand of
+  the weight gradient: an MLP block's backward took 40% longer than its products, a 1x1
+  convolution's 3x (benchmarks/RESULTS.md, "Dense gradients", "Conv stage")."""
+  return jax.lax.dot_general(x, w, (((1,), (1 if w_rows_out else 0,)), ((), ())))
+
+
+def _product_fwd(x, w, w_rows_out):
+  return _product(x, w, w_rows_out), (x, w)
+
+
+def _product_bwd(w_rows_out, residuals, g):
+  x, w = residuals
+  dx = jax.lax.dot_general(g, w, (((1,), (0 if w_rows_out else 1,)), ((), ())))
+  dw = (jax.lax.dot_general(g, x, (((0,), (0,)), ((), ()))) if w_rows_out else
+        jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_product.defvjp(_product_fwd, _product_bwd)
+
+
 def contract(x: Array, kernel: Array, in_axes: int) -> Array:
-  """`x: [..., *in] . kernel: [*in, *out] -> [..., *out]`, the trailing `in_axes` dims contracted.
-
-  Its gradients are two plain matrix products of the flattened operands (`[rows, in] x [in, out]`
-  shapes). Left to autodiff, XLA's CPU backend fuses the activation's derivative into a transposed
-  copy of the incoming gradient for the kernel's gradient: an MLP block's backward pass took 40%
-  longer than the same products (benchmarks/RESULTS.md, "Dense gradients").
-  """
-  return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - in_axes, x.ndim)),
-                                          tuple(range(in_axes))), ((), ())))
-
-
-def _contract_fwd(x, kernel, in_axes):
-  return contract(x, kernel, in_axes), (x, kernel)
-
-
-def _contract_bwd(in_axes, residuals, g):
-  x, kernel = residuals
+  """`x: [..., *in] . kernel: [*in, *out] -> [..., *out]`, the trailing `in_axes` dims contracted,
+  as one flat product (`_product`'s gradients)."""
   size_in = int(np.prod(kernel.shape[:in_axes]))
-  rows = x.size // size_in
-  x2, g2, k2 = x.reshape(rows, size_in), g.reshape(rows, -1), kernel.reshape(size_in, -1)
-  dx = jax.lax.dot_general(g2, k2, (((1,), (1,)), ((), ())))  # [rows, in]
-  dk = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))  # [in, out]
-  return dx.reshape(x.shape).astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+  lead, out = x.shape[:x.ndim - in_axes], kernel.shape[in_axes:]
+  y = _product(x.reshape(-1, size_in), kernel.reshape(size_in, -1), False)
+  return y.reshape(lead + out)
 
 
-contract.defvjp(_contract_fwd, _contract_bwd)
-
-
-@jax.custom_vjp
 def contract_rows(x: Array, table: Array) -> Array:
-  """`x: [..., embed] . table: [rows, embed] -> [..., rows]` (the tied output layer's logits), with
-  flat matrix products for gradients as `contract` has, and no transposed copy of the table."""
-  return jax.lax.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
-
-
-def _contract_rows_fwd(x, table):
-  return contract_rows(x, table), (x, table)
-
-
-def _contract_rows_bwd(residuals, g):
-  x, table = residuals
-  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  dx = jax.lax.dot_general(g2, table, (((1,), (0,)), ((), ())))  # [tokens, embed]
-  dtable = jax.lax.dot_general(g2, x2, (((0,), (0,)), ((), ())))  # [rows, embed]
-  return dx.reshape(x.shape).astype(x.dtype), dtable.astype(table.dtype)
-
-
-contract_rows.defvjp(_contract_rows_fwd, _contract_rows_bwd)
+  """`x: [..., embed] . table: [rows, embed] -> [..., rows]` (the tied output layer's logits), as
+  `contract` with no transposed copy of the table."""
+  return _product(x.reshape(-1, x.shape[-1]), table, True).reshape(x.shape[:-1] + table.shape[:1])
 
 
 class Dense(nn.Module):
