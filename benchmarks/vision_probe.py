@@ -1,8 +1,9 @@
 r"""Can the image stage alone tell the shapes apart? A supervised probe on the shapes world.
 
   .venv/bin/python benchmarks/vision_probe.py [--steps 400] [--patchifier resnet|linear]
-      [--pool mean|max] [--learning_rate 2e-3]
+      [--pool mean|max|attention] [--learning_rate 2e-3]
       [--stem_width 32 --stage_widths 64 128 --stage_blocks 1 1] [--image_size 64]
+      [--init_from RUN_DIR [--freeze]]
 
 Trains SimVLM-Tiny's image stage (`simvlm_jax.models.conv_stage`, the model's own module and
 normalisation) plus pooling (mean or max over the image tokens) and a linear head, from scratch,
@@ -10,7 +11,9 @@ to say which of the six shapes are in a scene (6 independent yes/no labels, the 
 caption's shape claims), and
 prints held-out accuracy: per label and per scene (all six right). If this probe learns the
 shapes quickly where PrefixLM pretraining does not, the image stage is not what holds captions
-back; if it does not, it is. Pure JAX on rendered numpy images: no TFDS build needed.
+back; if it does not, it is. With --init_from a run's own image stage is the start (and with
+--freeze only the head trains: how much shape its pretraining put there). Pure JAX on rendered
+numpy images: no TFDS build needed (a run directory's config needs seqio, like `eval`).
 """
 import argparse
 import os
@@ -46,13 +49,20 @@ def main(argv=None) -> None:
   parser.add_argument("--patchifier", default="resnet", choices=["resnet", "linear", "plain"],
                       help="plain: a reference CNN (3x3 convs, ReLU, no normalisation), not the "
                            "model's")
-  parser.add_argument("--pool", default="mean", choices=["mean", "max"],
+  parser.add_argument("--pool", default="mean", choices=["mean", "max", "attention"],
                       help="how the head pools the image tokens (max: an object on a few tokens "
-                           "is not averaged away)")
+                           "is not averaged away; attention: one learned query, 4 heads, as "
+                           "big_vision's MAP head and the decoder's cross-attention)")
   parser.add_argument("--patch_size", type=int, default=8)
   parser.add_argument("--stem_width", type=int, default=32)
   parser.add_argument("--stage_widths", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--stage_blocks", type=int, nargs="+", default=[1, 1])
+  parser.add_argument("--init_from", default=None,
+                      help="a run directory (or one of its steps): start from its image stage "
+                           "(and take its sizes), e.g. to see how much shape pretraining put in it")
+  parser.add_argument("--freeze", action="store_true",
+                      help="train the head only: a linear probe of the stage (without "
+                           "--init_from: of a randomly initialised one, the baseline)")
   args = parser.parse_args(argv)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import flax.linen as nn
@@ -60,6 +70,18 @@ def main(argv=None) -> None:
   import jax.numpy as jnp
   import optax
   from simvlm_jax.models import conv_stage, simvlm
+  pretrained = None
+  if args.init_from:
+    import tasks  # noqa: F401  (the configurables a run's config.gin names)
+    from simvlm_jax import run_dir, train  # noqa: F401
+    run = run_dir.open_run(args.init_from, need_vocabulary=False)
+    c = run.config
+    if c.patchifier != args.patchifier:
+      parser.error(f"{args.init_from} has a {c.patchifier!r} image stage")
+    args.patch_size, args.stem_width = c.patch_size, c.resnet_stem_width
+    args.stage_widths, args.stage_blocks = c.resnet_stage_widths, c.resnet_stage_blocks
+    pretrained = jax.device_get(run.params["patchify"])
+    print(f"image stage from {run.directory}, step {run.step}", flush=True)
 
   def _plain_cnn(x, deterministic):
     del deterministic
@@ -73,13 +95,21 @@ def main(argv=None) -> None:
       x = (images.astype(jnp.float32) - simvlm._MEAN) / simvlm._STD  # the model's normalisation
       if args.patchifier == "resnet":
         stage = conv_stage.ResNetStage(128, args.patch_size, args.stem_width,
-                                       tuple(args.stage_widths), tuple(args.stage_blocks))
+                                       tuple(args.stage_widths), tuple(args.stage_blocks),
+                                       name="stage")
       elif args.patchifier == "linear":
-        stage = conv_stage.LinearPatchify(128, args.patch_size)
+        stage = conv_stage.LinearPatchify(128, args.patch_size, name="stage")
       else:
         stage = _plain_cnn
       tokens = stage(x, deterministic=True)  # [batch, patches, 128]
-      pooled = tokens.max(axis=1) if args.pool == "max" else tokens.mean(axis=1)
+      if args.freeze:
+        tokens = jax.lax.stop_gradient(tokens)
+      if args.pool == "attention":
+        query = self.param("query", nn.initializers.normal(0.02), (1, 1, tokens.shape[-1]))
+        pooled = nn.MultiHeadDotProductAttention(4)(
+            jnp.broadcast_to(query, (tokens.shape[0], 1, tokens.shape[-1])), tokens)[:, 0]
+      else:
+        pooled = tokens.max(axis=1) if args.pool == "max" else tokens.mean(axis=1)
       return nn.Dense(train_y.shape[1])(nn.LayerNorm()(pooled))
 
   start = time.time()
@@ -89,6 +119,8 @@ def main(argv=None) -> None:
   print(f"rendered {args.train_images} + 1024 scenes in {time.time() - start:.0f}s", flush=True)
   model = Probe()
   params = model.init(jax.random.PRNGKey(0), train_x[:2])["params"]
+  if pretrained is not None:
+    params = {**params, "stage": pretrained}
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, args.steps // 20,
                                                 args.steps)
   optimizer = optax.adamw(schedule, weight_decay=0.01)
