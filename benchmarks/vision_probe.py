@@ -3,17 +3,18 @@ r"""Can the image stage alone tell the shapes apart? A supervised probe on the s
   .venv/bin/python benchmarks/vision_probe.py [--steps 400] [--patchifier resnet|linear]
       [--pool mean|max|attention] [--learning_rate 2e-3]
       [--stem_width 32 --stage_widths 64 128 --stage_blocks 1 1] [--image_size 64]
-      [--init_from RUN_DIR [--freeze]]
+      [--init_from RUN_DIR [--freeze]] [--save DIR]
 
 Trains SimVLM-Tiny's image stage (`simvlm_jax.models.conv_stage`, the model's own module and
 normalisation) plus pooling (mean or max over the image tokens) and a linear head, from scratch,
 to say which of the six shapes are in a scene (6 independent yes/no labels, the visual half of a
-caption's shape claims), and
-prints held-out accuracy: per label and per scene (all six right). If this probe learns the
-shapes quickly where PrefixLM pretraining does not, the image stage is not what holds captions
-back; if it does not, it is. With --init_from a run's own image stage is the start (and with
---freeze only the head trains: how much shape its pretraining put there). Pure JAX on rendered
-numpy images: no TFDS build needed (a run directory's config needs seqio, like `eval`).
+caption's shape claims), and prints held-out accuracy: per label and per scene (all six right). If
+this probe learns the shapes quickly where PrefixLM pretraining does not, the image stage is not
+what holds captions back; if it does not, it is. With --init_from a run's own image stage is the
+start (and with --freeze only the head trains: how much shape its pretraining put there); --save
+writes the trained stage where `train.init_from` reads it (a diagnostic: does the model use shape
+features once they exist?). Pure JAX on rendered numpy images: no TFDS build needed (a run
+directory's config needs seqio, like `eval`).
 """
 import argparse
 import os
@@ -63,6 +64,10 @@ def main(argv=None) -> None:
   parser.add_argument("--freeze", action="store_true",
                       help="train the head only: a linear probe of the stage (without "
                            "--init_from: of a randomly initialised one, the baseline)")
+  parser.add_argument("--save", default=None,
+                      help="write the trained stage as a checkpoint of its parameters alone "
+                           "(under `patchify`) that `train.init_from` reads into a model of "
+                           "the same sizes (emb 128: SimVLM-Tiny), the rest initialised")
   args = parser.parse_args(argv)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import flax.linen as nn
@@ -82,6 +87,8 @@ def main(argv=None) -> None:
     args.stage_widths, args.stage_blocks = c.resnet_stage_widths, c.resnet_stage_blocks
     pretrained = jax.device_get(run.params["patchify"])
     print(f"image stage from {run.directory}, step {run.step}", flush=True)
+    if c.emb_dim != 128:
+      parser.error(f"{args.init_from} has emb_dim {c.emb_dim}; the probe's stage has 128")
 
   def _plain_cnn(x, deterministic):
     del deterministic
@@ -145,6 +152,15 @@ def main(argv=None) -> None:
       print(f"step {i}: loss {float(loss):.3f} | held-out: {100 * right.mean():.1f}% of "
             f"{args.target} labels right, {100 * right.all(axis=1).mean():.1f}% of scenes all right "
             f"({time.time() - start:.0f}s)", flush=True)
+  if args.save:
+    from simvlm_jax import checkpoints
+    ckpt = checkpoints.Checkpointer(os.path.join(os.path.abspath(args.save), "checkpoints"),
+                                    keep=None, async_save=False)
+    try:
+      ckpt.save({"params": {"patchify": nn.unbox(params["stage"])}}, force=True, step=args.steps)
+    finally:
+      ckpt.close()
+    print(f"image stage -> {args.save} (train.init_from reads it)")
 
 
 if __name__ == "__main__":
