@@ -6,15 +6,15 @@ r"""Can the image stage alone tell the shapes apart? A supervised probe on the s
       [--init_from RUN_DIR [--freeze]] [--save DIR]
 
 Trains SimVLM-Tiny's image stage (`simvlm_jax.models.conv_stage`, the model's own module and
-normalisation) plus pooling (mean or max over the image tokens) and a linear head, from scratch,
-to say which of the six shapes are in a scene (6 independent yes/no labels, the visual half of a
-caption's shape claims), and prints held-out accuracy: per label and per scene (all six right). If
-this probe learns the shapes quickly where PrefixLM pretraining does not, the image stage is not
-what holds captions back; if it does not, it is. With --init_from a run's own image stage is the
-start (and with --freeze only the head trains: how much shape its pretraining put there); --save
-writes the trained stage where `train.init_from` reads it (a diagnostic: does the model use shape
-features once they exist?). Pure JAX on rendered numpy images: no TFDS build needed (a run
-directory's config needs seqio, like `eval`).
+normalisation) plus pooling (mean, max or attention over the image tokens) and a linear head, from
+scratch, to say which of the six shapes are in a scene (6 independent yes/no labels, the visual
+half of a caption's shape claims), and prints held-out accuracy: per label and per scene (all six
+right). If this probe learns the shapes quickly where PrefixLM pretraining does not, the image
+stage is not what holds captions back; if it does not, it is. With --init_from a run's own image
+stage is the start (and with --freeze only the head trains: how much shape its pretraining put
+there); --save writes the trained stage where `train.init_from` reads it (a diagnostic: does the
+model use shape features once they exist?). Pure JAX on rendered numpy images: no TFDS build
+needed (a run directory's config needs seqio, like `eval`).
 """
 import argparse
 import os
@@ -67,15 +67,17 @@ def main(argv=None) -> None:
   parser.add_argument("--save", default=None,
                       help="write the trained stage as a checkpoint of its parameters alone "
                            "(under `patchify`) that `train.init_from` reads into a model of "
-                           "the same sizes (emb 128: SimVLM-Tiny), the rest initialised")
+                           "the same sizes (embed 128: SimVLM-Tiny's), the rest initialised")
   args = parser.parse_args(argv)
+  if args.save and args.patchifier == "plain":
+    parser.error("--save writes the model's image stage; the plain CNN is not one")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import optax
   from simvlm_jax.models import conv_stage, simvlm
-  pretrained = None
+  pretrained, emb_dim = None, 128  # SimVLM-Tiny's width
   if args.init_from:
     import tasks  # noqa: F401  (the configurables a run's config.gin names)
     from simvlm_jax import run_dir, train  # noqa: F401
@@ -85,10 +87,8 @@ def main(argv=None) -> None:
       parser.error(f"{args.init_from} has a {c.patchifier!r} image stage")
     args.patch_size, args.stem_width = c.patch_size, c.resnet_stem_width
     args.stage_widths, args.stage_blocks = c.resnet_stage_widths, c.resnet_stage_blocks
-    pretrained = jax.device_get(run.params["patchify"])
+    emb_dim, pretrained = c.emb_dim, jax.device_get(run.params["patchify"])
     print(f"image stage from {run.directory}, step {run.step}", flush=True)
-    if c.emb_dim != 128:
-      parser.error(f"{args.init_from} has emb_dim {c.emb_dim}; the probe's stage has 128")
 
   def _plain_cnn(x, deterministic):
     del deterministic
@@ -101,14 +101,14 @@ def main(argv=None) -> None:
     def __call__(self, images):
       x = (images.astype(jnp.float32) - simvlm._MEAN) / simvlm._STD  # the model's normalisation
       if args.patchifier == "resnet":
-        stage = conv_stage.ResNetStage(128, args.patch_size, args.stem_width,
+        stage = conv_stage.ResNetStage(emb_dim, args.patch_size, args.stem_width,
                                        tuple(args.stage_widths), tuple(args.stage_blocks),
                                        name="stage")
       elif args.patchifier == "linear":
-        stage = conv_stage.LinearPatchify(128, args.patch_size, name="stage")
+        stage = conv_stage.LinearPatchify(emb_dim, args.patch_size, name="stage")
       else:
         stage = _plain_cnn
-      tokens = stage(x, deterministic=True)  # [batch, patches, 128]
+      tokens = stage(x, deterministic=True)  # [batch, patches, embed]
       if args.freeze:
         tokens = jax.lax.stop_gradient(tokens)
       if args.pool == "attention":

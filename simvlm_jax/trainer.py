@@ -72,8 +72,9 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype: Any) -> optax.Grad
 
 def scale_by_name(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
   """Multiplies the update of every parameter whose name (`checkpoints.parameter_name`) fully
-  matches a regex of `multipliers` by its value (the first that matches; big_vision's `lr_mults`): placed
-  after the optimizer, a learning-rate multiplier for those parameters, weight decay included.
+  matches a regex of `multipliers` by its value (the first that matches; big_vision's
+  `lr_mults`): placed after the optimizer, a learning-rate multiplier for those parameters,
+  weight decay included.
   A pattern that matches no parameter is refused when the state is created."""
   patterns = [(re.compile(p), float(m)) for p, m in multipliers.items()]
 
