@@ -8,7 +8,9 @@ Prints the step time (the best of `--rounds` rounds' medians over `--steps` step
 dimensions, `simvlm_jax.flops`, and XLA's own count from the compiled step's cost analysis), a peak
 measured in the same run (a large matmul in the compute dtype, once per round, interleaved with
 the steps: the best round) and the MFU against it, each with its spread over the rounds (on a
-shared machine the load moves both). The last line is `key=value` pairs.
+shared machine the load moves both), and on a device with a known datasheet bf16 peak
+(`simvlm_jax.flops.NOMINAL_BF16_PEAK`) the MFU against that too. The last line is `key=value`
+pairs.
 
 With `scan_layers=True` XLA's cost analysis counts a scanned loop body once, so its FLOPs fall
 short of the model count by about the depth; compare the two on unscanned runs.
@@ -34,7 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simvlm_jax import gin_utils  # noqa: E402
-from simvlm_jax.flops import batch_flops, matmul_peak  # noqa: E402
+from simvlm_jax.flops import batch_flops, matmul_peak, nominal_peak  # noqa: E402
 from simvlm_jax.data.synthetic import synthetic_batch  # noqa: E402
 from simvlm_jax.models import ModelConfig  # noqa: E402
 from simvlm_jax.partitioning import Partitioner  # noqa: E402
@@ -171,6 +173,10 @@ def main():
                 step_s_spread=f"{min(step_rounds):.4f}-{max(step_rounds):.4f}",
                 peak_tflops_spread=f"{min(peak_rounds) / 1e12:.3f}-{max(peak_rounds) / 1e12:.3f}",
                 mfu_spread=f"{min(mfus):.4f}-{max(mfus):.4f}")
+  nominal = nominal_peak(jax.devices()[0].device_kind)
+  if nominal:  # the datasheet's dense bf16 peak: the MFU docs/scaling.md's step times assume
+    result.update(nominal_peak_tflops=round(nominal * len(jax.devices()) / 1e12, 1),
+                  mfu_nominal=round(flops / step_s / (nominal * len(jax.devices())), 4))
   print(f"{args.model}: step {step_s * 1e3:.1f} ms (best of {args.rounds} rounds' medians over "
         f"{args.steps} steps; rounds {result['step_s_spread']} s; compile {compile_s:.1f} s), "
         f"{rows / step_s:.1f} examples/s, {tokens / step_s:.0f} tokens/s")
@@ -178,6 +184,9 @@ def main():
         f"peak ({config.dtype} {n}^3 matmul x {len(jax.devices())} devices, best round) "
         f"{peak / 1e12:.3f} TFLOP/s (rounds {result['peak_tflops_spread']}); MFU {result['mfu']:.3f}"
         f" (best step / best peak; per round {result['mfu_spread']})")
+  if nominal:
+    print(f"MFU against the nominal bf16 peak ({result['nominal_peak_tflops']:.0f} TFLOP/s): "
+          f"{result['mfu_nominal']:.3f}")
   print(" ".join(f"{k}={v}" for k, v in result.items()))
 
 

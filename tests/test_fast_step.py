@@ -8,6 +8,7 @@ import pytest
 
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.models import SimVLM
+from simvlm_jax.models.layers import fused_backend
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
 
@@ -44,6 +45,19 @@ def test_fused_attention_matches_plain(tiny_config, arch, text_only):
   np.testing.assert_allclose(fused_logits, logits, atol=1e-5)
   for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_attention_takes_cudnn_only_where_it_runs():
+  """JAX's default implementation is XLA everywhere: "fused" must ask for cuDNN itself on GPU, and
+  only for inputs cuDNN's flash kernel takes (half precision, head_dim a multiple of 8 <= 128)."""
+  assert fused_backend("gpu", jnp.bfloat16, 64) == "cudnn"
+  assert fused_backend("cuda", jnp.float16, 128) == "cudnn"
+  assert fused_backend("gpu", jnp.bfloat16, 80) == "cudnn"  # Huge
+  assert fused_backend("gpu", jnp.float32, 64) is None
+  assert fused_backend("gpu", jnp.bfloat16, 36) is None
+  assert fused_backend("gpu", jnp.bfloat16, 256) is None
+  assert fused_backend("cpu", jnp.bfloat16, 64) is None
+  assert fused_backend("tpu", jnp.bfloat16, 64) is None
 
 
 def test_remat_policies_keep_gradients(tiny_config):

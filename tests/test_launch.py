@@ -203,6 +203,9 @@ cat > /shared/simvlm_jax/slurm_logs/simvlm.sbatch <<'SBATCH_EOF'
 set -euo pipefail
 cd /shared/simvlm_jax
 export NCCL_DEBUG=WARN
+# XLA's Triton matmul fusion aborted the compile of the Base step on an H200 (jax 0.11.2,
+# docs/scaling.md): cuBLAS for the matmuls, unless XLA_FLAGS is given (--env XLA_FLAGS=...).
+export XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}"
 # Process 0 runs on the first node of the job and hosts the coordinator there; the port is derived
 # from the job id, so jobs sharing a node do not collide. (sed, not head: head would stop reading
 # early, and pipefail would turn scontrol's SIGPIPE into a failed job.)

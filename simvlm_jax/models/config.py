@@ -45,7 +45,7 @@ class ModelConfig:
   decoder_stochastic_depth_rate: float = 0.0
   num_classes: int = 0  # > 0: a classifier head on the decoder (SimVLM's VQA classifier).
   dtype: str = "float32"  # activations and matmuls ("bfloat16"); parameters stay float32.
-  attention: str = "plain"  # or "fused": jax.nn.dot_product_attention (cuDNN flash on GPU).
+  attention: str = "plain"  # or "fused": jax.nn.dot_product_attention (cuDNN flash on GPU, bf16).
   remat: str = "none"  # rematerialise each layer: "none", "full" or "dots_saveable".
   scan_layers: bool = False  # nn.scan over layers: compile time flat in depth.
 

@@ -18,6 +18,16 @@ NEG_INF = -1e10  # finite, so a row with every key masked gives a uniform softma
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
+def fused_backend(platform: str, dtype: Any, head_dim: int) -> Optional[str]:
+  """The `implementation` of `jax.nn.dot_product_attention` for fused attention: "cudnn" (flash
+  attention) on GPU where cuDNN takes the inputs (half precision, head_dim a multiple of 8 up to
+  128), else None (XLA). JAX's own default, None, never picks cuDNN."""
+  if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return None
+
+
 def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
   """Annotates an activation with logical axis names (a no-op outside a mesh context)."""
   return nn.with_logical_constraint(x, tuple(axes))
@@ -179,8 +189,8 @@ class MultiHeadAttention(nn.Module):
              reused by every later step.
 
   `implementation`: "plain" (einsum + softmax) or "fused" (`jax.nn.dot_product_attention`: cuDNN
-  flash attention on GPU where the shapes allow, XLA elsewhere). Attention dropout needs the plain
-  path, so "fused" falls back to it while dropout is active.
+  flash attention on GPU where `fused_backend` allows, XLA elsewhere). Attention dropout needs the
+  plain path, so "fused" falls back to it while dropout is active.
   """
   num_heads: int
   head_dim: int
@@ -217,8 +227,10 @@ class MultiHeadAttention(nn.Module):
     if self.implementation == "fused" and (deterministic or self.dropout_rate == 0.0):
       if cache:  # the kernel's [batch, length, heads, kv]
         k, v = heads_major(k), heads_major(v)
-      out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None],
-                                         mask=mask[:, None], scale=1.0)
+      out = jax.nn.dot_product_attention(
+          q, k, v, bias=None if bias is None else bias[None].astype(q.dtype),
+          mask=mask[:, None], scale=1.0,
+          implementation=fused_backend(jax.default_backend(), q.dtype, self.head_dim))
       # As below: a query with no valid key reads nothing (the fused kernel would average).
       out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(self.dtype)
     else:
