@@ -70,9 +70,23 @@ def seq2seq(prefix_tokens: Array, target_tokens: Array) -> dict:
 
 
 @gin.configurable
-def prefix_lm(tokens: Array, keys: Array, with_image: bool) -> dict:
-  """SimVLM's PrefixLM: image rows keep k in [0, n-1] text tokens; text rows k in [1, n-1]."""
-  return split_at(tokens, draw_prefix_lengths(keys, tokens, 0 if with_image else 1))
+def prefix_lm(tokens: Array, keys: Array, with_image: bool,
+              image_text_no_prefix_rate: float = 0.0) -> dict:
+  """SimVLM's PrefixLM: image rows keep k in [0, n-1] text tokens; text rows k in [1, n-1].
+
+  The paper samples k per example without saying from what. Uniform k leaves a caption's early
+  words (its objects' colours and shapes) in the prefix, unpredicted, most of the time;
+  `image_text_no_prefix_rate` gives that share of image rows k = 0 (the whole caption predicted
+  from the image alone), the rest uniform k as before.
+  """
+  if not 0.0 <= image_text_no_prefix_rate <= 1.0:
+    raise UserError(f"image_text_no_prefix_rate must be in [0, 1], got {image_text_no_prefix_rate}")
+  k = draw_prefix_lengths(keys, tokens, 0 if with_image else 1)
+  if with_image and image_text_no_prefix_rate > 0:
+    # Keys of their own (fold_in), so the uniform draws stay what they were at rate 0.
+    coin = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys)
+    k = jnp.where(coin < image_text_no_prefix_rate, 0, k)
+  return split_at(tokens, k)
 
 
 @gin.configurable

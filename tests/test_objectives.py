@@ -96,6 +96,27 @@ def test_prefix_lm_bounds_for_every_row_length(with_image):
   np.testing.assert_array_equal(weights, (targets > 0).astype(np.float32))
 
 
+def test_image_text_no_prefix_rate_gives_that_share_of_image_rows_an_empty_prefix():
+  """k = 0 for a `rate` share of image rows (binomial bounds), uniform k for the rest, drawn as at
+  rate 0; text rows never change."""
+  n, rows = 9, 2048
+  tokens = jnp.asarray(make_rows([n] * rows, 12))
+  keys = objectives.row_keys(0, 3, jnp.arange(rows))
+  k = {rate: prefix_len_of(objectives.prefix_lm(tokens, keys, True, rate))
+       for rate in (0.0, 0.5, 1.0)}
+  assert np.all(k[1.0] == 0)
+  changed = k[0.5] != k[0.0]
+  assert np.all(k[0.5][changed] == 0)  # a row either keeps its uniform draw or gets k = 0
+  empty = np.mean(k[0.5] == 0)  # 0.5 + 0.5 * 1/9 (the uniform draw's own k = 0) = 0.556
+  assert abs(empty - (0.5 + 0.5 / n)) < 4 * np.sqrt(0.25 / rows), empty
+  for rate in (0.5, 1.0):
+    np.testing.assert_array_equal(
+        prefix_len_of(objectives.prefix_lm(tokens, keys, False, rate)),
+        prefix_len_of(objectives.prefix_lm(tokens, keys, False)))
+  with pytest.raises(objectives.UserError, match="image_text_no_prefix_rate"):
+    objectives.prefix_lm(tokens, keys, True, 1.5)
+
+
 def test_plain_lm_has_no_prefix():
   tokens = make_rows([7, 3, 12], 12)
   for with_image in (True, False):
