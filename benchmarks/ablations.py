@@ -1,7 +1,7 @@
 r"""SimVLM's ablations (its Table 6) on the shapes world, at equal compute, over several seeds.
 
   .venv/bin/python benchmarks/ablations.py [--workdir ablations_output] [--seeds 0 1]
-      [--configs prefix_lm span_corruption ...] [--pretrain_steps 600] [--finetune_steps 200]
+      [--configs prefix_lm span_corruption ...] [--pretrain_steps 1500] [--finetune_steps 200]
 
 Every row pretrains SimVLM-Tiny with the demo's run (`gin/runs/demo_pretrain.gin`: same steps,
 batch, schedule) plus the row's gin files from `gin/ablations/`, then measures:
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
   parser.add_argument("--workdir", default=os.path.abspath("ablations_output"))
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-  parser.add_argument("--pretrain_steps", type=int, default=600, help="the demo run's")
+  parser.add_argument("--pretrain_steps", type=int, default=1500, help="the demo run's")
   parser.add_argument("--finetune_steps", type=int, default=200)
   parser.add_argument("--eval_examples", type=int, default=300)
   parser.add_argument("--train_images", type=int, default=20000, help="as the demo's")

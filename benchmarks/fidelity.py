@@ -2,7 +2,7 @@ r"""Fidelity: how close SimVLM-Tiny gets to the shapes world's ceiling in a long
 
   .venv/bin/python benchmarks/fidelity.py [--workdir fidelity_output]
 
-The demo's pipeline (`simvlm_jax.demo`) with more of everything: pretraining for 2,400 steps
+The demo's pipeline (`simvlm_jax.demo`) with more of everything: pretraining for 6,000 steps
 (`gin/runs/fidelity_pretrain.gin`, about 35 minutes on the 2-core CPU), the full downstream
 training sets, longer finetuning, and evaluation on 400 validation examples each. Prints the
 downstream table (finetuned from the pretrained model and from scratch, zero-shot captioning,

@@ -77,16 +77,16 @@ def test_demo_prints_captions_and_accuracies(demo):
 def test_the_demo_learns(demo):
   """Learning, not just running: after 120 steps the held-out captions are far above chance
   token accuracy, and captioning finetuned from the pretrained model beats the same finetuning
-  from scratch. Measured on this schedule, seeds 0 / 1: held-out accuracy 0.422 / 0.438
-  (compositional 0.404 / 0.409); captioning CIDEr from the pretrained model 18.8 / 28.7, from
-  scratch 6.2 / 0.0 (it writes "a large the", or nothing). The thresholds leave room for both."""
+  from scratch. Measured on this schedule, seeds 0 / 1: held-out accuracy 0.429 / 0.445
+  (compositional 0.409 / 0.412); captioning CIDEr from the pretrained model 18.8 / 33.0, from
+  scratch 10.4 / 0.0 (it writes "a large the", or nothing). The thresholds leave room for both."""
   _, stdout = demo
   validation, compositional = map(float, re.search(
       r"^  image-text \+ text +([\d.]+) +([\d.]+)$", stdout, re.M).groups())
   assert validation > 0.35 and compositional > 0.3
   pretrained, scratch = map(float, re.search(
       r"^  captioning   CIDEr +([\d.]+) +([\d.]+)$", stdout, re.M).groups())
-  assert pretrained > scratch + 8.0, (pretrained, scratch)
+  assert pretrained > scratch + 4.0, (pretrained, scratch)
   assert re.search(r"^  captioning   CIDEr +\d+\.\d\d   \(pretrained model, no finetuning", stdout,
                    re.M)  # zero-shot
 
