@@ -10,7 +10,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
 # Most of the suite's time is XLA compiling the same tiny models again and again, in this process,
-# the other xdist worker and the train/eval/predict subprocesses (which inherit these variables):
+# the other xdist workers and the train/eval/predict subprocesses (which inherit these variables):
 # one persistent compilation cache serves them all (entries are keyed by program, devices and jax
 # version, so a stale entry is never used).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
@@ -129,7 +129,7 @@ LONGEST_MODULES = ("tests/test_eval.py", "tests/test_demo_e2e.py", "tests/test_m
 
 
 def pytest_xdist_make_scheduler(config, log):
-  """--dist loadscope with LONGEST_MODULES first (longest-first keeps both workers busy)."""
+  """--dist loadscope with LONGEST_MODULES first (longest-first keeps every worker busy)."""
   if config.getvalue("dist") != "loadscope":
     return None
   from xdist.scheduler import LoadScopeScheduling  # pylint: disable=import-outside-toplevel
