@@ -35,6 +35,7 @@ DEFAULT_RULES = (
     ("length", None),
     ("text_pos", None),
     ("image_pos", None),
+    ("image_index", None),
     ("relpos_buckets", None),
     ("conv_height", None),
     ("conv_width", None),

@@ -329,6 +329,10 @@ def check_batch(config: ModelConfig, host_batch: Any) -> None:
       raise UserError(f"the {kind} images are {height}x{width} but the model takes {size}x{size} "
                       "(ModelConfig.image_size): give the data iterator the model's image size "
                       "(image_size = %IMAGE_SIZE)")
+    if "images" in sub and sub["images"].ndim == 5 and sub["images"].shape[1] > config.max_images:
+      raise UserError(f"the {kind} examples have {sub['images'].shape[1]} images each but the "
+                      f"model takes at most {config.max_images} (ModelConfig.max_images; NLVR2's "
+                      "finetuning file sets 2)")
     if "text_tokens" in sub:
       length, what = sub["text_tokens"].shape[-1], "rows of"
     elif "prefix_tokens" in sub:
@@ -348,8 +352,12 @@ def init_params(model: SimVLM, config: ModelConfig, rng: Array) -> Any:
   tokens = batch["text_tokens"]
 
   def init(module, images, tokens):
-    out = module(images, tokens, tokens, tokens)
-    return (out, module.classify(images, tokens)) if config.num_classes else out
+    out = [module(images, tokens, tokens, tokens)]
+    if config.num_classes:
+      out.append(module.classify(images, tokens))
+    if config.max_images > 1:  # the image index embedding
+      out.append(module.encode(jnp.stack([images] * config.max_images, axis=1), tokens))
+    return out
   return model.init(rng, batch["images"], tokens, method=init)["params"]
 
 

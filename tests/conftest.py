@@ -72,7 +72,7 @@ TINY = dict(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_
             patch_size=8, patchifier="resnet", resnet_stem_width=8, resnet_stage_widths=(16, 32),
             resnet_stage_blocks=(1, 1), image_relative_position=True, dropout_rate=0.0,
             stochastic_depth_rate=0.0, decoder_stochastic_depth_rate=0.0, dtype="float32",
-            attention="plain", remat="none", scan_layers=False, num_classes=0)
+            attention="plain", remat="none", scan_layers=False, num_classes=0, max_images=1)
 
 
 def make_tiny_config(**overrides) -> ModelConfig:

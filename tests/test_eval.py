@@ -179,7 +179,9 @@ def test_pretrain_finetune_evaluate(tmp_path, monkeypatch):
   assert [p.returncode for p in procs] == [0, 0], stdout[-2000:] + err0[-3000:] + err1[-3000:]
   assert out1 == ""  # process 1 prints nothing
   report = next(line for line in stdout.splitlines() if line.startswith("initialised from"))
-  assert int(report.split(": ")[1].split(" loaded")[0]) > 50 and "0 new" in report
+  # New at finetuning: the embedding that tells the pair's images apart (gin/finetune/nlvr2.gin).
+  assert int(report.split(": ")[1].split(" loaded")[0]) > 50 and "1 new" in report
+  assert "new: image_index/embedding" in stdout
   assert "step 2/2" in stdout
   in_loop = {int(line.split()[1]): float(line.split(" accuracy ")[1].split()[0])
              for line in stdout.splitlines() if line.startswith("step ") and "eval/official:" in line}

@@ -363,6 +363,13 @@ def test_batches_that_do_not_fit_the_model(tiny_config):
                              "target_tokens": np.zeros((2, 16), np.int32)}}
   with pytest.raises(UserError, match="prefix \\+ target tokens of 36 text tokens"):
     trainer.check_batch(config, finetune)
+  pairs = {"image_text": {"images": np.zeros((2, 2, 32, 32, 3), np.uint8),
+                          "prefix_tokens": np.zeros((2, 8), np.int32),
+                          "target_tokens": np.zeros((2, 4), np.int32)}}
+  with pytest.raises(UserError, match=r"2 images each but the model takes at most 1 "
+                     r"\(ModelConfig.max_images"):
+    trainer.check_batch(config, pairs)
+  trainer.check_batch(tiny_config(max_images=2), pairs)
   trainer.check_batch(config, next(SyntheticIterator(image_size=32, vocab_size=64)))  # fits
 
 

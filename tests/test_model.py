@@ -282,6 +282,33 @@ def test_pointwise_conv_is_a_1x1_conv(stride, size, use_bias):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_image_index_tells_the_images_of_a_pair_apart(tiny_config):
+  # NLVR2 encodes (left image, statement) and (right image, statement) apart and the decoder
+  # attends over both: without an image index, swapping the images gives the same logits, so
+  # "the left image ..." could not be judged. With it, the order shows.
+  config = tiny_config(max_images=2)
+  params = init_params(config)
+  images = jnp.stack([random_images(B, 32, seed=1), random_images(B, 32, seed=2)], axis=1)
+  swapped = images[:, ::-1]
+  prefix = pad_rows([[5, 6, 7], [8, 9]], P)
+  dec_in = pad_rows([[0, 3, 4], [0, 10]], LD)
+  positions = jnp.broadcast_to(jnp.arange(LD), (B, LD))
+  logits = logits_fn(config)
+  for index, tells_apart in ((np.zeros((2, 32)), False),
+                             (np.random.RandomState(0).randn(2, 32), True)):
+    p = {**params, "image_index": {"embedding": jnp.asarray(index, jnp.float32)}}
+    diff = max_diff(logits(p, images, prefix, dec_in, positions),
+                    logits(p, swapped, prefix, dec_in, positions))
+    assert (diff > 1e-2) if tells_apart else (diff < 1e-5), diff
+  # Runs finetuned before the index existed (max_images = 1) still evaluate, as they trained.
+  old = logits_fn(tiny_config())
+  assert max_diff(old(params, images, prefix, dec_in, positions),
+                  old(params, swapped, prefix, dec_in, positions)) < 1e-5
+  with pytest.raises(ValueError, match="3 images per example, the model is configured for at "
+                     "most ModelConfig.max_images = 2"):
+    logits(params, jnp.concatenate([images, swapped[:, :1]], axis=1), prefix, dec_in, positions)
+
+
 def test_relative_position_index_g2():
   # Tokens (row, col): 0=(0,0) 1=(0,1) 2=(1,0) 3=(1,1); bucket = (dy + 1) * 3 + (dx + 1).
   np.testing.assert_array_equal(layers.relative_position_index(2),

@@ -63,6 +63,17 @@ def test_new_and_unused_parameters_are_reported(pretrained, tiny_config):
   np.testing.assert_array_equal(params["classifier"]["kernel"], head)
 
 
+def test_image_pair_finetuning_adds_a_zero_image_index(pretrained, tiny_config):
+  # NLVR2 (max_images = 2) from a single-image pretraining run: everything loads, and the new
+  # image index embedding starts at zero, so the pair is encoded exactly as before finetuning.
+  directory, expected = pretrained
+  target = Trainer(tiny_config(max_images=2), Partitioner((-1, 1, 1)), 10).init_state().params
+  params, report = checkpoints.load_pretrained_params(directory, target)
+  assert report["new"] == ["image_index/embedding"] and not report["unused"]
+  assert len(report["loaded"]) == len(jax.tree.leaves(expected))
+  np.testing.assert_array_equal(params["image_index"]["embedding"], np.zeros((2, 32)))
+
+
 def test_mismatched_shape_is_a_clear_error(pretrained, tiny_config):
   directory, _ = pretrained
   target = Trainer(tiny_config(vocab_size=80), Partitioner((-1, 1, 1)), 10).init_state().params

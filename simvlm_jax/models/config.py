@@ -39,6 +39,9 @@ class ModelConfig:
   resnet_stage_widths: Sequence[int] = (256, 512, 1024)
   resnet_stage_blocks: Sequence[int] = (3, 4, 6)
   image_relative_position: bool = True  # 2D relative position bias between image tokens.
+  # Images per example (NLVR2's finetuning sets 2 for its pair). Above 1, each image's tokens get
+  # a learned embedding of its index, so the decoder can tell "the left image" from "the right".
+  max_images: int = 1
   # Regularisation (off in pretraining; the finetuning gin files switch it on).
   dropout_rate: float = 0.0
   stochastic_depth_rate: float = 0.0  # conv stage and encoder (and decoder-only stack).
@@ -60,6 +63,11 @@ class ModelConfig:
       raise UserError(f"attention must be 'plain' or 'fused', got {self.attention!r}")
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.max_images < 1:
+      raise UserError(f"max_images must be at least 1, got {self.max_images}")
+    if self.max_images > 1 and self.architecture != "encoder_decoder":
+      raise UserError("several images per example (max_images > 1) need the encoder-decoder "
+                      "architecture")
     if len(self.resnet_stage_widths) != len(self.resnet_stage_blocks):
       raise UserError("resnet_stage_widths and resnet_stage_blocks must have the same length")
 

@@ -288,11 +288,11 @@ class PositionEmbedding(nn.Module):
   num_positions: int
   emb_dim: int
   axis_name: str
+  init: nn.initializers.Initializer = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
   def __call__(self, positions: Array) -> Array:
     table = self.param("embedding",
-                       nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
-                                                    (self.axis_name, "embed")),
+                       nn.with_logical_partitioning(self.init, (self.axis_name, "embed")),
                        (self.num_positions, self.emb_dim), jnp.float32)
     return jnp.take(table, positions, axis=0, mode="clip")

@@ -32,6 +32,9 @@ class SimVLM(nn.Module):
     self.token_embed = layers.Embed(c.vocab_size, c.emb_dim, dtype=dtype)
     self.text_positions = layers.PositionEmbedding(c.max_text_len, c.emb_dim, "text_pos")
     self.image_positions = layers.PositionEmbedding(c.num_image_tokens, c.emb_dim, "image_pos")
+    if c.max_images > 1:  # zeros: a model loaded from a single-image checkpoint starts as it was
+      self.image_index = layers.PositionEmbedding(c.max_images, c.emb_dim, "image_index",
+                                                  init=nn.initializers.zeros)
     if c.patchifier == "resnet":
       self.patchify = conv_stage.ResNetStage(
           c.emb_dim, c.patch_size, c.resnet_stem_width, tuple(c.resnet_stage_widths),
@@ -72,14 +75,20 @@ class SimVLM(nn.Module):
     x = self.token_embed(tokens) + self.text_positions(positions).astype(self.config.compute_dtype)
     return layers.constrain(x, ("batch", "length", "embed"))
 
-  def _prefix_inputs(self, images: Optional[Array], prefix_tokens: Array,
-                     deterministic: bool) -> Tuple[Array, Array]:
-    """Embedded `[image tokens; prefix text]` and its validity mask `[batch, Ti + Lp]`."""
+  def _prefix_inputs(self, images: Optional[Array], prefix_tokens: Array, deterministic: bool,
+                     image_index: Optional[int] = None) -> Tuple[Array, Array]:
+    """Embedded `[image tokens; prefix text]` and its validity mask `[batch, Ti + Lp]`.
+
+    `image_index`: which image of a multi-image example this is (its embedding is added to the
+    image tokens); None for single-image examples.
+    """
     batch, length = prefix_tokens.shape
     x = self.embed_text(prefix_tokens, jnp.broadcast_to(jnp.arange(length), (batch, length)))
     mask = prefix_tokens > 0
     if images is not None:
       img = self.embed_images(images, deterministic)
+      if image_index is not None:
+        img = img + self.image_index(jnp.array([image_index]))[None].astype(img.dtype)
       x = jnp.concatenate([img, x], axis=1)
       mask = jnp.concatenate([jnp.ones(img.shape[:2], bool), mask], axis=1)
     return self.embed_dropout(x, deterministic=deterministic), mask
@@ -90,16 +99,25 @@ class SimVLM(nn.Module):
     """Bidirectional encoding of the prefix. For decoder-only models this only embeds it.
 
     `images` may also be `[batch, n, H, W, 3]` (e.g. NLVR2's image pair): each (image, prefix) is
-    encoded on its own and the n encodings are concatenated for the decoder to attend over.
+    encoded on its own, its image tokens marked with the image's index, and the n encodings are
+    concatenated for the decoder to attend over.
     """
     if images is not None and images.ndim == 5:
-      if self.config.architecture == "decoder_only":
-        raise ValueError("several images per example need the encoder-decoder architecture")
-      parts = [self.encode(images[:, i], prefix_tokens, deterministic)
+      # max_images = 1: no index, as runs finetuned before it existed were (training refuses
+      # that now: trainer.check_batch); evaluating them still works.
+      indexed = self.config.max_images > 1
+      if indexed and images.shape[1] > self.config.max_images:
+        raise ValueError(f"{images.shape[1]} images per example, the model is configured for at "
+                         f"most ModelConfig.max_images = {self.config.max_images}")
+      parts = [self._encode_one(images[:, i], prefix_tokens, deterministic, i if indexed else None)
                for i in range(images.shape[1])]
       return (jnp.concatenate([p[0] for p in parts], axis=1),
               jnp.concatenate([p[1] for p in parts], axis=1))
-    x, mask = self._prefix_inputs(images, prefix_tokens, deterministic)
+    return self._encode_one(images, prefix_tokens, deterministic)
+
+  def _encode_one(self, images: Optional[Array], prefix_tokens: Array, deterministic: bool,
+                  image_index: Optional[int] = None) -> Tuple[Array, Array]:
+    x, mask = self._prefix_inputs(images, prefix_tokens, deterministic, image_index)
     if self.config.architecture == "decoder_only":
       return x, mask
     attn_mask = jnp.broadcast_to(mask[:, None, :], (x.shape[0], x.shape[1], x.shape[1]))
