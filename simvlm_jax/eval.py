@@ -26,6 +26,9 @@ metrics are `simvlm_jax.evaluators`', which training's in-loop evaluators share.
 captioning of a pretraining run works the same way: `--gin.evaluate.task="'shapes_coco_captions'"`
 on its model_dir (the prompt is the caption task's "a picture of").
 
+`evaluate.images="'grey'"` (every pixel grey) or `"'swapped'"` (each image pair reversed) are
+controls: how much of the score needs the images, and NLVR2's left from right.
+
 By default evaluation runs on one device. `evaluate.mesh_shape = (data, fsdp, model)` (e.g.
 `(-1, 1, 1)`) restores the parameters sharded by the training rules over all devices of all
 processes and splits each batch's rows over data x fsdp: every process reads every example, the
@@ -57,7 +60,7 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
              caption_metric_names: Sequence[str] = caption_metrics.ALL_METRICS,
              report_examples: int = 100,
              vqa_metric_version: str = vqa.DEFAULT_VERSION,
-             mesh_shape: Optional[Sequence[int]] = None) -> dict[int, dict]:
+             mesh_shape: Optional[Sequence[int]] = None, images: str = "given") -> dict[int, dict]:
   """Scores the checkpoints of `model_dir` on `task`; returns {step: scores}. See the module doc.
 
   Args:
@@ -73,6 +76,9 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
       before its 2021 fix, "2016" / "legacy" (many published numbers); `simvlm_jax.metrics.vqa`.
     mesh_shape: (data, fsdp, model) over every device of every process (one entry may be -1);
       default: one device. `batch_size` must be a multiple of data x fsdp.
+    images: "given"; or a control of whether the model uses its images: "grey" (every pixel
+      128) or "swapped" (an image pair in reverse order: NLVR2's "left" and "right"). The
+      default output_dir then ends in `_grey` / `_swapped`.
   """
   vqa.resolve_version(vqa_metric_version)  # a typo fails before the model loads
   partitioner = (Partitioner(tuple(mesh_shape)) if mesh_shape is not None
@@ -80,9 +86,11 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
   run = run_dir.open_run(model_dir, restore=False, need_vocabulary=False)
   evaluator = Evaluator.for_run(run, task, split, partitioner, batch_size=batch_size,
                                 method=method, beam_size=beam_size, alpha=alpha,
-                                max_decode_length=max_decode_length, max_examples=max_examples)
+                                max_decode_length=max_decode_length, max_examples=max_examples,
+                                images=images)
   is_main = jax.process_index() == 0
-  output_dir = epath.Path(output_dir or run.directory / f"eval_{task}_{split}")
+  control = "" if images == "given" else f"_{images}"
+  output_dir = epath.Path(output_dir or run.directory / f"eval_{task}_{split}{control}")
   output_dir.mkdir(parents=True, exist_ok=True)
   available = run.steps()
   if not available:
@@ -102,17 +110,18 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
     for step in todo:
       result = evaluator.evaluate(ckpt.restore_params(abstract, step=step), caption_metric_names,
                                   vqa_metric_version, report_examples)
-      scores = {**result.scores, "step": step}
+      scores = {**result.scores, "step": step, "images": images}
       results[step] = all_scores[str(step)] = scores
       if not is_main:
         continue  # every process decoded; process 0 writes
-      write_results(output_dir, step, f"{task} ({split}), {run.directory} step {step}",
+      write_results(output_dir, step, f"{task} ({split}{', images ' + images if control else ''}"
+                    f"), {run.directory} step {step}",
                     evaluator.benchmark, result, report_examples)
       tmp = output_dir / "scores.json.tmp"
       tmp.write_text(json.dumps(all_scores, indent=1, sort_keys=True))
       tmp.replace(scores_path)
       writer.write_scalars(step, {f"eval/{task}/{k}": v for k, v in scalars(scores).items()})
-      print(f"{task} {split} step {step}: {summary(evaluator.benchmark, scores)} "
+      print(f"{task} {split}{control} step {step}: {summary(evaluator.benchmark, scores)} "
             f"({scores['examples']} examples, {evaluator.method}, "
             f"{scores['predict_seconds']:.1f}s predict + {scores['score_seconds']:.1f}s score) -> "
             f"{output_dir}", flush=True)

@@ -38,6 +38,9 @@ from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.report import write_html_report
 
 CAPTION_TASKS = ("coco_captions", "nocaps")
+# What the model is shown (`evaluate.images`): the example's images, or controls that say whether
+# it uses them: every pixel grey (a "blind" model), or an image pair in reverse order.
+IMAGE_CONTROLS = ("given", "grey", "swapped")
 CLASS_LABELS = {"nlvr2": classification.NLVR2_CLASSES,
                 "snli_ve": classification.SNLI_VE_CLASSES,
                 "snli_ve_text": classification.SNLI_VE_CLASSES}
@@ -145,6 +148,19 @@ def _decode_fn(model, config, method: str, max_decode_length: int, beam_size: in
   return _DECODE_FNS[key]
 
 
+def control_images(images: np.ndarray, control: str, task: str) -> np.ndarray:
+  """uint8 `[batch, (2,) H, W, 3]` as `control` (IMAGE_CONTROLS) asks: given, every pixel grey,
+  or each pair in reverse order."""
+  if control == "grey":
+    return np.full_like(images, 128)
+  if control == "swapped":
+    if images.ndim != 5:
+      raise UserError(f"images='swapped' needs image pairs ([batch, 2, H, W, 3]); {task!r} has "
+                      "one image per example")
+    return images[:, ::-1]
+  return images
+
+
 class Evaluator:
   """Decodes one task's eval split with a model and scores it with the task's official metric.
 
@@ -157,8 +173,11 @@ class Evaluator:
   def __init__(self, task: str, split: str, config, vocabulary, answers: Optional[Sequence[str]],
                *, inputs_length: int, targets_length: int, batch_size: int, method: str,
                beam_size: int, alpha: float, max_decode_length: Optional[int],
-               max_examples: Optional[int], partitioner: Partitioner):
+               max_examples: Optional[int], partitioner: Partitioner, images: str = "given"):
     from simvlm_jax.data import finetune  # TensorFlow/seqio only here
+    if images not in IMAGE_CONTROLS:
+      raise UserError(f"images must be one of {', '.join(IMAGE_CONTROLS)}, got {images!r}")
+    self.images = images
     self.benchmark = benchmark_of(task)
     self.task, self.split, self.config = task, split, config
     self.vocabulary = vocabulary or finetune.vocabulary(task)
@@ -221,6 +240,8 @@ class Evaluator:
       extra = batch.pop("meta")
       (sub,) = batch.values()
       rows = int(np.sum(extra.pop("valid")))
+      if "images" in sub:
+        sub["images"] = control_images(sub["images"], self.images, self.task)
       pixels, prefix = self.partitioner.shard_global_batch((sub.get("images"),
                                                             sub["prefix_tokens"]))
       with self.partitioner.activate():

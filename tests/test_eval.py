@@ -8,15 +8,19 @@ import sys
 
 import numpy as np
 import pytest
+import seqio
 from PIL import Image
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
+from simvlm_jax import eval as eval_command
 from simvlm_jax import evaluators as eval_lib
+from simvlm_jax.data import finetune
 from simvlm_jax.errors import UserError
 from simvlm_jax.metrics import captions as caption_metrics
 from simvlm_jax.metrics import vqa as vqa_metrics
 from tasks import build
+from tasks.downstream import registration
 from conftest import free_port, pair_env, predict_here, process_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +107,19 @@ def test_shapes_captions_are_checked_against_their_scenes():
                             [{"captions": np.array([b"a large red circle"])}],
                             caption_metric_names=("CIDEr",))
   assert "caption_correctness" not in plain  # COCO itself has no scenes
+
+
+def test_image_controls():
+  pairs = np.random.default_rng(0).integers(0, 255, (3, 2, 4, 4, 3), np.uint8)
+  np.testing.assert_array_equal(eval_lib.control_images(pairs, "given", "t"), pairs)
+  grey = eval_lib.control_images(pairs, "grey", "t")
+  assert grey.shape == pairs.shape and grey.dtype == np.uint8 and np.all(grey == 128)
+  swapped = eval_lib.control_images(pairs, "swapped", "t")
+  np.testing.assert_array_equal(swapped[:, 0], pairs[:, 1])
+  np.testing.assert_array_equal(swapped[:, 1], pairs[:, 0])
+  with pytest.raises(UserError, match="images='swapped' needs image pairs .*'shapes_vqa_v2' has "
+                     "one image per example"):
+    eval_lib.control_images(pairs[:, 0], "swapped", "shapes_vqa_v2")
 
 
 def test_numeric_flattening():
@@ -211,6 +228,28 @@ def test_pretrain_finetune_evaluate(tmp_path, monkeypatch):
   html = (out_dir / "report_2.html").read_text()
   assert html.count('<tr id="example-') == 12 and "data:image/jpeg;base64" in html
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))
+  # The control with each pair reversed (in this process, "shapes_nlvr2" reading this test's
+  # data): the model is shown exactly that, and the scores go beside the real ones.
+  here = registration.register_downstream("nlvr2", "shapes", data, name="eval_test_nlvr2")
+  registry = seqio.TaskRegistry._REGISTRY  # pylint: disable=protected-access
+  monkeypatch.setitem(registry, "shapes_nlvr2", seqio.get_mixture_or_task(here))
+  shown, decode_fn = [], eval_lib._decode_fn  # pylint: disable=protected-access
+
+  def recording_decode_fn(*args, **kwargs):
+    decode = decode_fn(*args, **kwargs)
+    return lambda params, images, prefix: (shown.append(np.asarray(images)),
+                                           decode(params, images, prefix))[1]
+  monkeypatch.setattr(eval_lib, "_decode_fn", recording_decode_fn)
+  controlled = eval_command.evaluate(model_dir=str(finetuned), task="shapes_nlvr2", steps=[2],
+                                     batch_size=12, images="swapped")
+  assert controlled[2]["images"] == "swapped" and controlled[2]["examples"] == 12
+  assert json.loads((finetuned / "eval_shapes_nlvr2_validation_swapped" / "scores.json")
+                    .read_text())["2"]["images"] == "swapped"
+  pairs = next(finetune.make_finetune_iterator(
+      "shapes_nlvr2", batch_size=12, inputs_length=32, targets_length=8, image_size=64,
+      split="validation", train=False, shard_index=0, num_shards=1))["image_text"]["images"]
+  (seen,) = shown
+  np.testing.assert_array_equal(seen, pairs[:, ::-1])
 
   # VQA with the classifier head (a new parameter: initialised, reported) scored by its top class.
   answers = (tmp_path / "tfds" / "vqa_v2" / "shapes" / "1.0.0" / "answers.txt").read_text()
