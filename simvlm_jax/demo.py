@@ -171,9 +171,24 @@ def build_downstream(workdir: str, data_dir: str, train: int, evaluation: int) -
               "--eval", str(evaluation), "--workers", "0"])  # no fork(): JAX may be running
 
 
-def _downstream(args, workdir: str, data_dir: str, pretrained: str) -> dict:
-  """Finetunes and evaluates; returns {row: scores} (rows "VQA/pretrained", "zero-shot", ...)."""
-  steps = args.finetune_steps or (args.steps if args.steps is not None else 80)
+def finetune_steps(default: int, overrides: Sequence[str] = ()) -> dict[str, int]:
+  """Finetuning steps per benchmark: `default`, but "NAME=STEPS" for those `overrides` name
+  ("VQA=1000"); the text-only NLI run ("text NLI") trains as long as SNLI-VE, its test."""
+  steps = {name: default for name, *_ in DOWNSTREAM}
+  for item in overrides:
+    name, _, value = item.partition("=")
+    if name not in steps or not value.isdigit() or int(value) < 1:
+      raise SystemExit(f"--finetune_steps_for {item!r}: expected NAME=STEPS with NAME one of "
+                       f"{', '.join(steps)} and STEPS a positive number")
+    steps[name] = int(value)
+  return {**steps, "text NLI": steps["SNLI-VE"]}
+
+
+def _downstream(args, workdir: str, data_dir: str, pretrained: str) -> tuple[dict, dict]:
+  """Finetunes and evaluates; returns {row: scores} (rows "VQA/pretrained", "zero-shot", ...)
+  and the finetuning steps of each benchmark."""
+  steps_of = finetune_steps(args.finetune_steps or (args.steps if args.steps is not None else 80),
+                            args.finetune_steps_for)
   build_downstream(workdir, data_dir, min(args.downstream_train, args.train_images),
                    min(args.downstream_eval, args.heldout_images))
   root = os.path.join(workdir, "downstream")
@@ -186,6 +201,7 @@ def _downstream(args, workdir: str, data_dir: str, pretrained: str) -> dict:
     runs.append(("text NLI", "snli_ve_text", "shapes_snli_ve_text", "pretrained"))
   for name, recipe, task, start in runs:
     model_dir = os.path.join(root, f"{recipe}_{start}")
+    steps = steps_of[name]
     print(f"-- finetuning ({start}) on {task} for {steps} steps -> {model_dir}", flush=True)
     if not _finished(model_dir, steps):
       run_finetune(recipe, task, model_dir, pretrained if start == "pretrained" else None, steps,
@@ -197,12 +213,11 @@ def _downstream(args, workdir: str, data_dir: str, pretrained: str) -> dict:
           flush=True)
     scores["zero-shot captioning"] = evaluate(pretrained, "shapes_coco_captions", max_examples)
 
-  print(f"\ndownstream (shapes world, validation, first {max_examples} examples; "
-        f"{steps} finetuning steps each):")
-  print(f"  {'benchmark':<12} {'metric':<9} {'pretrained':>10} {'from scratch':>13}")
+  print(f"\ndownstream (shapes world, validation, first {max_examples} examples):")
+  print(f"  {'benchmark':<12} {'metric':<9} {'pretrained':>10} {'from scratch':>13} {'steps':>7}")
   for name, _, task, metric in chosen:
     row = [headline(task, scores[f"{name}/{start}"]) for start in ("pretrained", "scratch")]
-    print(f"  {name:<12} {metric:<9} {row[0]:>10.2f} {row[1]:>13.2f}")
+    print(f"  {name:<12} {metric:<9} {row[0]:>10.2f} {row[1]:>13.2f} {steps_of[name]:>7}")
   if "captioning" in args.downstream:
     for start in ("pretrained", "scratch"):
       print(f"  captioning ({start}){_correctness(scores[f'captioning/{start}'])}")
@@ -216,7 +231,7 @@ def _downstream(args, workdir: str, data_dir: str, pretrained: str) -> dict:
           f"{headline('shapes_snli_ve', scores['text NLI/pretrained']):>10.2f}   "
           "(finetuned on text-only NLI, tested with images)")
   print(f"  reports: {root}/*/eval_*/report_<step>.html")
-  return scores
+  return scores, steps_of
 
 
 def main(argv=None) -> dict:
@@ -235,6 +250,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--text_statements", type=int, default=50000)
   parser.add_argument("--finetune_steps", type=int, default=None,
                       help="steps of each finetuning run (default: --steps if given, else 80)")
+  parser.add_argument("--finetune_steps_for", action="append", default=[], metavar="NAME=STEPS",
+                      help="another number of finetuning steps for one benchmark, e.g. VQA=1000 "
+                           "(repeatable; the text-only NLI run follows SNLI-VE's)")
   parser.add_argument("--downstream_train", type=int, default=2000,
                       help="training images per downstream benchmark (at most --train_images)")
   parser.add_argument("--downstream_eval", type=int, default=200,
@@ -288,7 +306,8 @@ def main(argv=None) -> dict:
   if not args.skip_downstream:
     print("\n== 5/5 downstream: finetuning and evaluating on the shapes world's benchmarks",
           flush=True)
-    results["downstream"] = _downstream(args, args.workdir, data_dir, runs["image-text + text"])
+    results["downstream"], results["finetune steps"] = _downstream(
+        args, args.workdir, data_dir, runs["image-text + text"])
   results["minutes"] = (time.time() - start) / 60
   print(f"\ndemo finished in {results['minutes']:.1f} min; predict on your own images with\n"
         f"  .venv/bin/python -m simvlm_jax.predict --checkpoint_dir={runs['image-text + text']} "

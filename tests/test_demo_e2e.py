@@ -84,11 +84,22 @@ def test_the_demo_learns(demo):
   validation, compositional = map(float, re.search(
       r"^  image-text \+ text +([\d.]+) +([\d.]+)$", stdout, re.M).groups())
   assert validation > 0.35 and compositional > 0.3
-  pretrained, scratch = map(float, re.search(
-      r"^  captioning   CIDEr +([\d.]+) +([\d.]+)$", stdout, re.M).groups())
+  pretrained, scratch = map(float, re.search(  # and the finetuning steps, --finetune_steps
+      r"^  captioning   CIDEr +([\d.]+) +([\d.]+) +30$", stdout, re.M).groups())
   assert pretrained > scratch + 4.0, (pretrained, scratch)
   assert re.search(r"^  captioning   CIDEr +\d+\.\d\d   \(pretrained model, no finetuning", stdout,
                    re.M)  # zero-shot
+
+
+def test_finetune_steps_per_benchmark():
+  from simvlm_jax import demo as demo_lib  # pylint: disable=import-outside-toplevel
+  assert demo_lib.finetune_steps(300, ["VQA=1000", "SNLI-VE=800"]) == {
+      "VQA": 1000, "NLVR2": 300, "SNLI-VE": 800, "captioning": 300, "text NLI": 800}
+  assert set(demo_lib.finetune_steps(80).values()) == {80}
+  for bad in ("vqa=1000", "VQA", "VQA=", "VQA=0", "VQA=ten"):
+    with pytest.raises(SystemExit, match=f"--finetune_steps_for '{bad}': expected NAME=STEPS "
+                       "with NAME one of VQA, NLVR2, SNLI-VE, captioning"):
+      demo_lib.finetune_steps(300, [bad])
 
 
 @pytest.mark.slow
