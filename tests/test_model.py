@@ -307,6 +307,9 @@ def test_image_index_tells_the_images_of_a_pair_apart(tiny_config):
   with pytest.raises(ValueError, match="3 images per example, the model is configured for at "
                      "most ModelConfig.max_images = 2"):
     logits(params, jnp.concatenate([images, swapped[:, :1]], axis=1), prefix, dec_in, positions)
+  decoder_only = tiny_config(architecture="decoder_only")
+  with pytest.raises(ValueError, match="several images per example need the encoder-decoder"):
+    logits_fn(decoder_only)(init_params(decoder_only), images, prefix, dec_in, positions)
 
 
 def test_relative_position_index_g2():

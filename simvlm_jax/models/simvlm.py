@@ -103,6 +103,8 @@ class SimVLM(nn.Module):
     concatenated for the decoder to attend over.
     """
     if images is not None and images.ndim == 5:
+      if self.config.architecture == "decoder_only":
+        raise ValueError("several images per example need the encoder-decoder architecture")
       # max_images = 1: no index, as runs finetuned before it existed were (training refuses
       # that now: trainer.check_batch); evaluating them still works.
       indexed = self.config.max_images > 1
