@@ -282,6 +282,49 @@ def test_pointwise_conv_is_a_1x1_conv(stride, size, use_bias):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size,kernel,stride,use_bias", [
+    (64, 7, 2, False),  # the stem
+    (16, 3, 2, True),  # a stage's first 3x3
+    (8, 2, 2, True),  # the projection to the token grid (kernel = stride: one product)
+    (32, 16, 16, True),  # linear patches
+    (12, 5, 3, False), (20, 4, 2, False), (9, 3, 3, True)])  # odd kernels, strides, paddings
+def test_strided_conv_is_nn_conv(size, kernel, stride, use_bias):
+  """conv_stage.StridedConv (the stride-1 convolution over the space-to-depth input) gives
+  nn.Conv's strided SAME convolution: same parameter tree, values and both gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  ours = conv_stage.StridedConv(5, kernel, stride, use_bias)
+  conv = nn.Conv(5, (kernel, kernel), strides=(stride, stride), padding="SAME", use_bias=use_bias)
+  params = nn.unbox(ours.init(jax.random.key(1), x))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv.init(jax.random.key(1), x))
+  if use_bias:
+    params["params"]["bias"] = jnp.arange(5.0)
+  want = conv.apply(params, x)
+  assert want.shape == (2, size // stride, size // stride, 5)
+  np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(2), want.shape)
+  grads = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * cotangent), (0, 1))(params, x)
+           for m in (ours, conv)]
+  for got, expected in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="divisible by"):
+    ours.init(jax.random.key(1), x[:, :size - 1, :size - 1])
+
+
+@pytest.mark.parametrize("size", [32, 9])
+def test_max_pool_is_nn_max_pool(size):
+  """conv_stage.max_pool gives nn.max_pool's 3x3 stride-2 SAME pooling and its gradient, which
+  goes to the first maximum of a window (ties made on purpose: after a ReLU most are zeros)."""
+  x = jnp.round(jax.random.normal(jax.random.key(0), (2, size, size, 4)) * 2) / 2
+  want = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+  np.testing.assert_array_equal(conv_stage.max_pool(x), want)
+  cotangent = jax.random.normal(jax.random.key(1), want.shape)
+  grads = [jax.grad(lambda x: jnp.sum(pool(x) * cotangent))(x)
+           for pool in (conv_stage.max_pool,
+                        lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME"))]
+  assert int(jnp.sum(x[:, :3, :3] == x[:, :3, :3].max((1, 2), keepdims=True))) > 8  # ties
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
 def test_image_index_tells_the_images_of_a_pair_apart(tiny_config):
   # NLVR2 encodes (left image, statement) and (right image, statement) apart and the decoder
   # attends over both: without an image index, swapping the images gives the same logits, so
