@@ -102,7 +102,8 @@ def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> dict:
     checked = shapes_caption_check.score(caption, scene)
     print(f"  model     : {caption}")
     print(f"  checked   : {checked.true_claims}/{checked.claims} claims true, "
-          f"{checked.named_objects}/{checked.objects} objects named")
+          f"{checked.named_objects}/{checked.objects} objects named, "
+          f"{'right' if checked.right_about_colour_and_shape else 'wrong'} about colour and shape")
     captions.append(caption)
     scenes.append(scene)
   total = shapes_caption_check.corpus_score(captions, scenes)

@@ -8,8 +8,10 @@ be checked instead. A caption makes claims:
     true of an object of that shape (and colour, when that is stated and true);
   - per count it states ("two shapes", "three objects", "a single ..."): the number of objects.
 Two numbers per caption: `precision`, the fraction of its claims that are true, and `recall`, the
-fraction of the scene's objects it names correctly (shape, and colour and size where stated).
-Relations ("to the left of") and the background are not checked.
+fraction of the scene's objects it names correctly (shape, and colour and size where stated); and
+one verdict: `right_about_colour_and_shape`, it names an object and every shape and colour it
+states is true (what a reader checks first). Relations ("to the left of") and the background are
+not checked.
 """
 import dataclasses
 import json
@@ -39,6 +41,8 @@ class CaptionScore:
   true_claims: int
   objects: int
   named_objects: int
+  colour_shape_claims: int = 0  # the claims about shape and colour, a part of `claims`
+  true_colour_shape_claims: int = 0
 
   @property
   def precision(self) -> float:
@@ -49,6 +53,11 @@ class CaptionScore:
   def recall(self) -> float:
     """Fraction of the scene's objects that the caption names correctly."""
     return self.named_objects / self.objects if self.objects else 1.0
+
+  @property
+  def right_about_colour_and_shape(self) -> bool:
+    """Names at least one object, and every shape and colour it states is true."""
+    return 0 < self.colour_shape_claims == self.true_colour_shape_claims
 
 
 def parse(caption: str) -> tuple[list[Mention], list[int]]:
@@ -91,15 +100,17 @@ def score(caption: str, objects: Mapping[str, Sequence[str]]) -> CaptionScore:
   scene = [dict(colour=c, shape=s, size=z) for c, s, z in
            zip(objects["colour"], objects["shape"], objects["size"])]
   mentions, counts = parse(caption)
-  claims = true = 0
+  claims = true = colour_shape_true = 0
   for m in mentions:
     candidates = [o for o in scene if o["shape"] == m.shape]
     claims += 1
     true += bool(candidates)
+    colour_shape_true += bool(candidates)
     if m.colour is not None:
       claims += 1
       coloured = [o for o in candidates if o["colour"] == m.colour]
       true += bool(coloured)
+      colour_shape_true += bool(coloured)
       candidates = coloured or candidates
     if m.size is not None:
       claims += 1
@@ -109,17 +120,21 @@ def score(caption: str, objects: Mapping[str, Sequence[str]]) -> CaptionScore:
     true += n == len(scene)
   named = sum(any(m.shape == o["shape"] and m.colour in (None, o["colour"]) and
                   m.size in (None, o["size"]) for m in mentions) for o in scene)
-  return CaptionScore(claims, true, len(scene), named)
+  colour_shape_claims = len(mentions) + sum(m.colour is not None for m in mentions)
+  return CaptionScore(claims, true, len(scene), named, colour_shape_claims, colour_shape_true)
 
 
 def corpus_score(captions: Iterable[str], scenes: Iterable[Mapping[str, Sequence[str]]]) -> dict:
-  """Claims and objects pooled over captions: {"precision": %, "recall": %, "captions": n,
-  "claims": n}. Captions that claim nothing (e.g. empty ones) leave precision undefined: None."""
+  """Claims and objects pooled over captions: {"precision": %, "recall": %, "right": % of the
+  captions right about colour and shape, "captions": n, "claims": n}. Captions that claim nothing
+  (e.g. empty ones) leave precision undefined: None."""
   scores = [score(c, s) for c, s in zip(captions, scenes)]
   claims = sum(s.claims for s in scores)
   objects = sum(s.objects for s in scores)
   return {"precision": 100.0 * sum(s.true_claims for s in scores) / claims if claims else None,
           "recall": 100.0 * sum(s.named_objects for s in scores) / objects if objects else 0.0,
+          "right": 100.0 * sum(s.right_about_colour_and_shape for s in scores) / len(scores)
+          if scores else 0.0,
           "captions": len(scores), "claims": claims}
 
 
@@ -128,7 +143,8 @@ def summary(pooled: dict) -> str:
   claims = (f"{pooled['precision']:.0f}% of the {pooled['claims']} colours, shapes, sizes and "
             "counts stated are true" if pooled["precision"] is not None
             else "no colour, shape, size or count is stated")
-  return f"{claims}; {pooled['recall']:.0f}% of the objects are named"
+  return (f"{claims}; {pooled['recall']:.0f}% of the objects are named; {pooled['right']:.0f}% of "
+          "the captions are right about every colour and shape they state")
 
 
 def scene_from_json(text: str) -> dict[str, list[str]]:

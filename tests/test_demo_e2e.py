@@ -61,11 +61,16 @@ def test_demo_prints_captions_and_accuracies(demo):
   assert stdout.count("reference :") == 8 * 5
   assert stdout.count("model     : a picture of") == 8
   # Each caption checked against its scene (tasks/shapes_caption_check.py), then pooled.
-  checked = re.findall(r"checked   : (\d+)/(\d+) claims true, (\d+)/(\d+) objects named", stdout)
-  assert len(checked) == 8 and all(int(t) <= int(c) and int(n) <= int(o) for t, c, n, o in checked)
-  assert re.search(r"caption correctness on 8 held-out images: (\d+% of the \d+ colours, shapes, "
-                   r"sizes and counts stated are true|no colour, shape, size or count is stated); "
-                   r"\d+% of the objects are named", stdout)
+  checked = re.findall(r"checked   : (\d+)/(\d+) claims true, (\d+)/(\d+) objects named, "
+                       r"(right|wrong) about colour and shape", stdout)
+  assert len(checked) == 8
+  assert all(int(t) <= int(c) and int(n) <= int(o) for t, c, n, o, _ in checked)
+  pooled = re.search(r"caption correctness on 8 held-out images: (\d+% of the \d+ colours, shapes, "
+                     r"sizes and counts stated are true|no colour, shape, size or count is stated); "
+                     r"\d+% of the objects are named; (\d+)% of the captions are right about every "
+                     r"colour and shape they state", stdout)
+  right = sum(verdict == "right" for *_, verdict in checked)
+  assert pooled and int(pooled.group(2)) == round(100 * right / 8)
   rows = [line.split() for line in stdout.splitlines() if line.strip().startswith(("image-text",
                                                                                   "text only"))]
   assert len(rows) == 1  # the text-only comparison is skipped here

@@ -100,8 +100,8 @@ def test_shapes_captions_are_checked_against_their_scenes():
   scores, _ = eval_lib.score("coco_captions", ["a large red circle", "a small blue square",
                                                "a small cross"], meta, caption_metric_names=("CIDEr",))
   assert scores["caption_correctness"] == {"precision": pytest.approx(50.0),
-                                           "recall": pytest.approx(100 * 1 / 3), "captions": 2,
-                                           "claims": 6}
+                                           "recall": pytest.approx(100 * 1 / 3), "right": 50.0,
+                                           "captions": 2, "claims": 6}
   assert eval_lib._numeric(scores)["caption_correctness/recall"] == pytest.approx(100 / 3)
   plain, _ = eval_lib.score("coco_captions", ["a large red circle"],
                             [{"captions": np.array([b"a large red circle"])}],
