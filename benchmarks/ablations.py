@@ -5,8 +5,9 @@ r"""SimVLM's ablations (its Table 6) on the shapes world, at equal compute, over
 
 Every row pretrains SimVLM-Tiny with the demo's run (`gin/runs/demo_pretrain.gin`: same steps,
 batch, schedule) plus the row's gin files from `gin/ablations/`, then measures:
-  zero-shot captioning   CIDEr and caption correctness (% of claims true, % of objects named;
-                         `tasks.shapes_caption_check`) of the pretrained model, prompt "a picture of"
+  zero-shot captioning   CIDEr and caption correctness (% of claims true, % of objects named, % of
+                         captions right about colour and shape; `tasks.shapes_caption_check`) of
+                         the pretrained model, prompt "a picture of"
   VQA                    VQA accuracy after finetuning on shapes VQA
   text NLI -> SNLI-VE    accuracy on SNLI-VE (with images) after finetuning on text-only NLI
                          (the cross-modality transfer experiment)
@@ -36,6 +37,8 @@ BASE = "runs/demo_pretrain.gin"
 COLUMNS = (("zero-shot CIDEr", lambda r: r["zero_shot"]["CIDEr"] * 100),
            ("claims true %", lambda r: r["zero_shot"]["caption_correctness"]["precision"]),
            ("objects named %", lambda r: r["zero_shot"]["caption_correctness"]["recall"]),
+           ("right about colour and shape %",
+            lambda r: r["zero_shot"]["caption_correctness"].get("right")),
            ("VQA", lambda r: r["vqa"]["accuracy"]),
            ("text NLI -> SNLI-VE", lambda r: r["text_nli"]["accuracy"]))
 
@@ -77,7 +80,7 @@ def table(results: list[dict]) -> str:
     cells = []
     for _, read in COLUMNS:
       values = [read(r) for r in runs]
-      if None in values:  # a caption without claims has no precision
+      if None in values:  # no claims (no precision), or a column added after the run
         cells.append("n/a")
         continue
       cells.append(f"{statistics.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f}")

@@ -66,11 +66,17 @@ def test_the_table_covers_every_ablation_file():
 def test_table_shows_mean_and_half_spread_over_seeds():
   run = lambda seed, cider, vqa: {
       "config": "prefix_lm", "seed": seed, "vqa": {"accuracy": vqa},
-      "zero_shot": {"CIDEr": cider, "caption_correctness": {"precision": 50.0, "recall": 10.0}},
+      "zero_shot": {"CIDEr": cider, "caption_correctness": {"precision": 50.0, "recall": 10.0,
+                                                             "right": 5.0 + seed}},
       "text_nli": {"accuracy": 60.0}}
   text = ablations.table([run(0, 0.5, 40.0), run(1, 0.7, 50.0)])
   assert text.splitlines()[2] == ("| prefix_lm | 0,1 | 60.0 ± 10.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | "
-                                  "45.0 ± 5.0 | 60.0 ± 0.0 |")
+                                  "5.5 ± 0.5 | 45.0 ± 5.0 | 60.0 ± 0.0 |")
+  # Results written before a column existed show it as n/a, not as an error.
+  old = run(0, 0.5, 40.0)
+  del old["zero_shot"]["caption_correctness"]["right"]
+  assert ablations.table([old]).splitlines()[2] == (
+      "| prefix_lm | 0 | 50.0 ± 0.0 | 50.0 ± 0.0 | 10.0 ± 0.0 | n/a | 40.0 ± 0.0 | 60.0 ± 0.0 |")
 
 
 def test_a_preempted_run_ends_the_program_instead_of_evaluating_it(tmp_path, monkeypatch, capsys):
