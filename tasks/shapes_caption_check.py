@@ -143,8 +143,10 @@ def summary(pooled: dict) -> str:
   claims = (f"{pooled['precision']:.0f}% of the {pooled['claims']} colours, shapes, sizes and "
             "counts stated are true" if pooled["precision"] is not None
             else "no colour, shape, size or count is stated")
-  return (f"{claims}; {pooled['recall']:.0f}% of the objects are named; {pooled['right']:.0f}% of "
-          "the captions are right about every colour and shape they state")
+  right = ("" if pooled.get("right") is None else  # scores saved before it was counted lack it
+           f"; {pooled['right']:.0f}% of the captions are right about every colour and shape they "
+           "state")
+  return f"{claims}; {pooled['recall']:.0f}% of the objects are named{right}"
 
 
 def scene_from_json(text: str) -> dict[str, list[str]]:
