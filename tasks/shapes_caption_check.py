@@ -41,8 +41,8 @@ class CaptionScore:
   true_claims: int
   objects: int
   named_objects: int
-  colour_shape_claims: int = 0  # the claims about shape and colour, a part of `claims`
-  true_colour_shape_claims: int = 0
+  colour_shape_claims: int  # the claims about shape and colour, a part of `claims`
+  true_colour_shape_claims: int
 
   @property
   def precision(self) -> float:
