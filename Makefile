@@ -17,7 +17,8 @@ install: $(STAMP)
 # Everything, the slow end-to-end cases included (what CI runs). --dist loadscope keeps a module on
 # one worker, so its module-scoped fixtures (a trained demo run, a two-process run) are built once.
 # Three workers on two cores: the third fills the gaps the others leave (imports, single-threaded
-# compiles, waits on subprocesses): 15:03 against 16:00 with two, on a 2-core machine (4: 14:58).
+# compiles, waits on subprocesses): 15:03 against 16:00 with two and 14:58 with four, on a 2-core
+# machine (before tests/conftest.py's compile flags; now 12:15 with three).
 test: $(STAMP)
 	$(PY) -m pytest tests -q -n 3 --dist loadscope --durations=15
 

@@ -5,8 +5,10 @@ import os
 import socket
 
 # Before jax is imported anywhere: the sharding tests need 8 (CPU) devices.
-# LLVM optimisation level 0: the tests compile far more than they run (about a fifth less time).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# The tests compile far more than they run: LLVM optimisation level 0 (about a fifth less time),
+# and XLA:CPU's older loop emitters instead of its fusion emitters (the tiny train step compiles
+# in 5.1 s instead of 6.6 s and runs 20% slower; `make test` 14:54 -> 12:15 on 2 cores).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}").strip()
 # Most of the suite's time is XLA compiling the same tiny models again and again, in this process,
