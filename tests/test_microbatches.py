@@ -1,11 +1,16 @@
-"""Gradient accumulation (`train.num_microbatches`): the same step as one big batch, on a mesh."""
+"""Gradient accumulation (`train.num_microbatches`): without dropout the same step as one big
+batch, on a mesh; with dropout the same in expectation."""
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
-from simvlm_jax import objectives
+from simvlm_jax import objectives, trainer
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.errors import UserError
+from simvlm_jax.models import SimVLM
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer, microbatches, split_batch
 
@@ -84,3 +89,42 @@ def test_microbatches_that_do_not_split_evenly_are_refused(tiny_config):
     microbatches(batch, 3)
   with pytest.raises(UserError, match="must be a positive integer, got 0"):
     Trainer(config, partitioner, total_steps=10, num_microbatches=0)
+
+
+def test_with_dropout_microbatches_give_the_one_piece_step_in_expectation(tiny_config):
+  """With dropout, microbatch i draws its masks from its own key (the step's dropout key with i
+  folded in), so the two-piece step is not the one-piece step mask for mask: for each of 256
+  dropout keys their losses differ. Each row's masks have the same distribution either way, so
+  over the 256 keys the mean gradients differ by their sampling noise alone: the squared distance
+  between them over its expected value when the expectations are equal (the summed per-coordinate
+  variances of the two means) is near 1, where the dropout-free gradient, which dropout does
+  change in expectation, lies 90 times that far from the one-piece mean."""
+  config = tiny_config(dropout_rate=0.2, stochastic_depth_rate=0.1,
+                       decoder_stochastic_depth_rate=0.1, num_encoder_layers=1,
+                       num_decoder_layers=1, patchifier="linear")
+  model = SimVLM(config)
+  params = nn.meta.unbox(trainer.init_params(model, config, jax.random.PRNGKey(0)))
+  batch = jax.tree.map(jnp.asarray, next(SyntheticIterator(
+      image_text_batch=4, image_text_length=8, text_batch=4, text_length=8,
+      image_size=config.image_size, vocab_size=config.vocab_size)))
+
+  def step(count, key):
+    """(flat gradient, mean loss) of step 3 in `count` pieces with dropout key `key`."""
+    grads, sums = trainer._grads_and_sums(  # pylint: disable=protected-access
+        model, params, batch, seed=0, step=jnp.int32(3), objective=objectives.prefix_lm,
+        dropout_rng=key, num_microbatches=count)
+    return ravel_pytree(grads)[0], sums["loss_sum"] / sums["weight_sum"]
+
+  keys = jax.random.split(jax.random.PRNGKey(1), 256)
+  whole, whole_loss = map(np.asarray, jax.jit(jax.vmap(lambda k: step(1, k)))(keys))
+  pieces, pieces_loss = map(np.asarray, jax.jit(jax.vmap(lambda k: step(2, k)))(keys))
+  assert np.abs(whole_loss - pieces_loss).min() > 1e-4  # other masks, for every key
+
+  # Squared distance between mean gradients over its expected value were their expectations
+  # equal: the summed variances of the means.
+  noise = lambda samples: samples.var(0).sum() / len(samples)  # noqa: E731
+  gap = np.sum((pieces.mean(0) - whole.mean(0)) ** 2) / (noise(whole) + noise(pieces))
+  assert 0.8 < gap < 1.5
+  no_dropout = np.asarray(jax.jit(lambda: step(1, None)[0])())
+  control = np.sum((whole.mean(0) - no_dropout) ** 2) / noise(whole)
+  assert control > 20  # the check tells a different expectation apart

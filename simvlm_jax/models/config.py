@@ -7,10 +7,27 @@ import jax
 import jax.numpy as jnp
 
 from simvlm_jax.errors import UserError
+from simvlm_jax.models.layers import ATTENTION_PRODUCTS, MLP_PRODUCTS
 
-# What a rematerialised layer keeps from the forward pass (None: nothing, recompute everything).
-REMAT_POLICIES = {"none": None, "full": None,
-                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_policies = jax.checkpoint_policies
+# What a rematerialised Transformer layer keeps from its forward pass for the backward pass; the
+# rest is recomputed there from the layer's input. Kept by name (`layers.ATTENTION_PRODUCTS`,
+# `layers.MLP_PRODUCTS`): the products are custom_vjps, invisible to the `dot_general` policies.
+#   "none":            no rematerialisation: everything the backward pass needs is kept.
+#   "full":            only the layer's input (and parameters); everything else is recomputed.
+#   "dots_saveable":   every weight product (query/key/value projections, attention output, the
+#                      MLP's two): the elementwise work (norms, GELU, softmax) and the attention
+#                      score products (batched, quadratic in length) are recomputed, as with
+#                      `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`.
+#   "dots_except_mlp": the attention's weight products only; the MLP, the widest activations, is
+#                      recomputed (MaxText's "save_dot_except_mlp").
+# A product the backward pass never reads (e.g. "mlp_out", added to the residual) is not kept.
+REMAT_POLICIES = {
+    "none": None,
+    "full": _policies.nothing_saveable,
+    "dots_saveable": _policies.save_only_these_names(*ATTENTION_PRODUCTS, *MLP_PRODUCTS),
+    "dots_except_mlp": _policies.save_only_these_names(*ATTENTION_PRODUCTS),
+}
 
 
 @gin.configurable
@@ -49,7 +66,7 @@ class ModelConfig:
   num_classes: int = 0  # > 0: a classifier head on the decoder (SimVLM's VQA classifier).
   dtype: str = "float32"  # activations and matmuls ("bfloat16"); parameters stay float32.
   attention: str = "plain"  # or "fused": jax.nn.dot_product_attention (cuDNN flash on GPU, bf16).
-  remat: str = "none"  # rematerialise each layer: "none", "full" or "dots_saveable".
+  remat: str = "none"  # rematerialise each layer: a key of REMAT_POLICIES (what each keeps).
   scan_layers: bool = False  # nn.scan over layers: compile time flat in depth.
 
   def __post_init__(self):

@@ -11,11 +11,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import ad_checkpoint
 
 Array = jax.Array
 NEG_INF = -1e10  # finite, so a row with every key masked gives a uniform softmax, not NaN.
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+# The `jax.ad_checkpoint.checkpoint_name`s of a layer's weight products, which the remat policies
+# (`config.REMAT_POLICIES`) keep or recompute by name: `_product` is a custom_vjp, so a policy
+# that looks for `dot_general`s (`dots_with_no_batch_dims_saveable`) never sees one.
+ATTENTION_PRODUCTS = ("query_proj", "key_proj", "value_proj", "attention_out")
+MLP_PRODUCTS = ("mlp_in", "mlp_out")
 
 
 def fused_backend(platform: str, dtype: Any, head_dim: int) -> Optional[str]:
@@ -74,12 +81,16 @@ def contract_rows(x: Array, table: Array) -> Array:
 
 
 class Dense(nn.Module):
-  """A bias-free projection `[..., *in_dims] -> [..., *features]` with named kernel axes."""
+  """A bias-free projection `[..., *in_dims] -> [..., *features]` with named kernel axes.
+
+  `checkpoint_name`: the name a remat policy keeps (or recomputes) the output by.
+  """
   features: Sequence[int]
   kernel_axes: Sequence[str]
   in_axes: int = 1  # how many trailing input dims are contracted.
   dtype: Any = jnp.float32
   kernel_init: Callable = default_kernel_init
+  checkpoint_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -89,7 +100,10 @@ class Dense(nn.Module):
         "kernel",
         nn.with_logical_partitioning(self._init, tuple(self.kernel_axes)),
         tuple(in_shape) + features, jnp.float32)
-    return contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_axes)
+    y = contract(x.astype(self.dtype), kernel.astype(self.dtype), self.in_axes)
+    if self.checkpoint_name:
+      y = ad_checkpoint.checkpoint_name(y, self.checkpoint_name)
+    return y
 
   def _init(self, key, shape, dtype):
     # Fan-in is the product of the contracted dims, so reshape to 2D for the initializer.
@@ -140,10 +154,12 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     emb_dim = x.shape[-1]
-    h = Dense((self.mlp_dim,), ("embed", "mlp"), dtype=self.dtype, name="wi")(x)
+    h = Dense((self.mlp_dim,), ("embed", "mlp"), dtype=self.dtype, checkpoint_name="mlp_in",
+              name="wi")(x)
     h = constrain(nn.gelu(h), ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return Dense((emb_dim,), ("mlp", "embed"), dtype=self.dtype, name="wo")(h)
+    return Dense((emb_dim,), ("mlp", "embed"), dtype=self.dtype, checkpoint_name="mlp_out",
+                 name="wo")(h)
 
 
 def relative_position_index(grid_size: int) -> np.ndarray:
@@ -204,7 +220,7 @@ class MultiHeadAttention(nn.Module):
                cache_length: int = 0) -> Array:
     emb_dim = q_in.shape[-1]
     proj = lambda name: Dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
-                              dtype=self.dtype, name=name)
+                              dtype=self.dtype, checkpoint_name=f"{name}_proj", name=name)
     q = proj("query")(q_in) / np.sqrt(self.head_dim).astype(self.dtype)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     key_proj, value_proj = proj("key"), proj("value")
@@ -245,7 +261,8 @@ class MultiHeadAttention(nn.Module):
       probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
       out = jnp.einsum(f"bhqk,{kv_axes}->bqhd", probs, v)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    return Dense((emb_dim,), ("heads", "kv", "embed"), in_axes=2, dtype=self.dtype, name="out")(out)
+    return Dense((emb_dim,), ("heads", "kv", "embed"), in_axes=2, dtype=self.dtype,
+                 checkpoint_name="attention_out", name="out")(out)
 
   def _update_cache(self, k: Array, v: Array, cache_length: int) -> Tuple[Array, Array]:
     """Writes `k, v: [batch, heads, q_len, kv]` at the cache index; returns the full buffers

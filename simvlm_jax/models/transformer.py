@@ -102,10 +102,16 @@ def _drop_path_rates(rate: float, depth: int):
   return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
+def rematerialised(layer_cls, remat: str):
+  """`layer_cls` as is (`remat="none"`), or rematerialised: its backward pass keeps what
+  `REMAT_POLICIES[remat]` keeps of the forward pass and recomputes the rest."""
+  return layer_cls if remat == "none" else nn.remat(layer_cls, policy=REMAT_POLICIES[remat])
+
+
 def _run_layers(layer_cls, num_layers: int, remat: str, scan: bool, rate: float, carry,
                 broadcast_args, **layer_kwargs):
   """Applies `num_layers` layers to `carry` (looped or scanned, optionally rematerialised)."""
-  cls = layer_cls if remat == "none" else nn.remat(layer_cls, policy=REMAT_POLICIES[remat])
+  cls = rematerialised(layer_cls, remat)
   rates = _drop_path_rates(rate, num_layers)
   if scan:
     stack = nn.scan(cls, variable_axes={"params": 0, "cache": 0},
