@@ -14,12 +14,29 @@ Faults, as a pod meets them:
   * A checkpoint of another model (other shapes or parameters) is a `CheckpointError`, never
     "damage": nothing is set aside.
   * A state holding a NaN or Inf is never written (`save` raises `DivergenceError`).
+  * Storage fails for a moment (a GCS 503): a read is tried again (`Retries`) and a checkpoint is
+    set aside only for damage that reproduces (a missing file, a corrupt one) or a read that fails
+    every try; the log line says which. A save that fails is written again (the next save, or the
+    same step at the end of the run); one that keeps failing is a `CheckpointError` naming the
+    step and the last good checkpoint.
+
+Only the training process writes into a run (`Checkpointer`, which also removes what a killed save
+left behind). Every other reader (eval, predict, export, the demo) opens its checkpoints with
+`CheckpointReader`, which lists committed steps only and never creates, cleans or writes anything,
+so it may run beside the training at any moment.
 """
+import atexit
 import dataclasses
+import errno
+import gc
 import json
 import logging as logging_std
 import os
+import re
 import sys
+import time
+import warnings
+import zipfile
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import gin
@@ -71,30 +88,73 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
-def _quiet_failed_read() -> None:
-  """Drops the echoes of a failed TensorStore read that arrive after its exception was raised.
+def _read_echo(error: Optional[BaseException]) -> bool:
+  """Whether `error` is the echo of an abandoned TensorStore read: Orbax's own exception for one
+  array (a bare Exception), or a read's callback landing on the closed event loop it was started
+  from. Neither is ever raised by a read that succeeded."""
+  if type(error) is Exception:  # pylint: disable=unidiomatic-typecheck
+    return str(error).startswith("Encountered error while reading array")
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+# Orbax's coroutine that reads one array (orbax/checkpoint/_src/serialization/serialization.py).
+_READ_COROUTINE = "_read_array_index_and_device_put"
+# asyncio's reports of a task or future that ended with an exception nobody retrieved.
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
+def _quiet_read_echoes() -> None:
+  """Drops the echoes of a failed TensorStore read (`_read_echo`).
 
   When one array of a checkpoint cannot be read, Orbax abandons the other reads; their callbacks
-  land on a closed event loop and each prints a traceback (thousands for a large model), long
-  after the one error that matters was reported. Installed only once a read has failed, so it
-  never hides anything in a healthy run.
+  land on a closed event loop, and their coroutines and tasks, once garbage, each print a
+  traceback (thousands for a large model), long after the one error that matters was reported.
+  Installed before every checkpoint read, not once one failed: the echoes may arrive while the
+  first error is still on its way up (issue #28: a traceback after a recovered restart, now and
+  then). It matches the echoes alone, so it hides nothing in a healthy run, nor any other error.
   """
+  # A read Orbax had not started yet: Python warns when its coroutine is collected.
+  warnings.filterwarnings("ignore", category=RuntimeWarning,
+                          message=f"coroutine '{_READ_COROUTINE}' was never awaited")
   if getattr(sys.unraisablehook, "_simvlm_filter", False):
     return
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
-      return
-    if type(error) is Exception and "error while reading array" in str(error):
-      return
-    previous(unraisable)
+    if not _read_echo(unraisable.exc_value):
+      previous(unraisable)
+
+  def keep(record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not (record.getMessage().startswith(_NEVER_RETRIEVED) and _read_echo(error))
 
   hook._simvlm_filter = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
-  logging_std.getLogger("asyncio").addFilter(
-      lambda record: not record.getMessage().startswith("Task exception was never retrieved"))
+  logging_std.getLogger("asyncio").addFilter(keep)
+
+
+def _after_failed_read() -> None:
+  """Collects the abandoned reads while the filters are in place: at interpreter exit (once the
+  `sys` module is torn down, Python prints an unraisable error itself) none is left."""
+  if not getattr(_after_failed_read, "registered", False):
+    _after_failed_read.registered = True
+    atexit.register(gc.collect)
+
+
+# What Orbax logs (with a traceback) when a save fails: the Checkpointer reports every failed save
+# itself, in one line or a CheckpointError (the traceback behind --traceback).
+_SAVE_FAILURE_LOGS = ("Handler Commit operations or the Commit callback", "Save Finalize thread",
+                      "Checkpointer failed: one or more items may not be finalized")
+
+
+def _quiet_failed_save() -> None:
+  """Drops Orbax's own error records of a failed save (see `_SAVE_FAILURE_LOGS`)."""
+  logger = logging_std.getLogger("absl")
+  if not any(getattr(f, "_simvlm_save_filter", False) for f in logger.filters):
+    def keep(record):
+      return not any(text in record.getMessage() for text in _SAVE_FAILURE_LOGS)
+    keep._simvlm_save_filter = True  # pylint: disable=protected-access
+    logger.addFilter(keep)
 
 
 def root_cause(error: BaseException) -> str:
@@ -127,8 +187,197 @@ def absolute(path: str) -> epath.Path:
   return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
+# --- retries and damage -------------------------------------------------------------------------
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Retries:
+  """How a checkpoint read or write that failed is tried again: `tries` in all, `delay_s` seconds
+  before the second try, twice that before the third, and so on (a GCS 503 passes in seconds; a
+  restart that gave up on it would set a good checkpoint aside)."""
+  tries: int = 4
+  delay_s: float = 1.0
+
+  def pause(self, failed: int) -> float:
+    """The wait after the `failed`-th failed try (1-based)."""
+    return self.delay_s * 2 ** (failed - 1)
+
+
+MISSING, CORRUPT = "missing file", "corrupt"
+# TensorStore's status codes (its messages start with one) that mean the bytes read are not what
+# was written; UNAVAILABLE, DEADLINE_EXCEEDED, ... are the storage's and may pass.
+_CORRUPT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
+_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
+# A file that is there but does not parse (npz: the data iterator's held batches).
+_FORMAT_ERRORS = (EOFError, KeyError, UnicodeDecodeError, zipfile.BadZipFile)
+# Write errors that no retry cures: say so at once.
+_PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _causes(error: BaseException) -> list:
+  chain = [error]
+  while chain[-1].__cause__ is not None:
+    chain.append(chain[-1].__cause__)
+  return chain
+
+
+def damage(error: BaseException) -> Optional[str]:
+  """MISSING or CORRUPT when `error` says a checkpoint's files are not what was written (reading
+  them again fails the same way); None when the storage itself may have failed for a moment (a
+  503, a timeout, a reset connection)."""
+  chain = _causes(error)
+  if any(isinstance(e, FileNotFoundError) for e in chain):
+    return MISSING
+  text = one_line(chain[-1])
+  if text.startswith("NOT_FOUND"):
+    return MISSING
+  if text.startswith(_CORRUPT_CODES):
+    return CORRUPT
+  if any(isinstance(e, _FORMAT_ERRORS) for e in chain):
+    return CORRUPT
+  # A format or structure check (json, msgpack, the tree's metadata); not an OSError's errno.
+  if isinstance(chain[-1], ValueError) and not _STATUS.match(text):
+    return CORRUPT
+  return None
+
+
+def _read_error(error: BaseException) -> bool:
+  """Whether `error` is a checkpoint read failing (not a bug, which keeps its traceback)."""
+  # Orbax raises bare Exceptions for TensorStore read errors.
+  bare = type(error) is Exception  # pylint: disable=unidiomatic-typecheck
+  return isinstance(error, _READ_ERRORS) or bare
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+  """The steps in `directory` whose save completed, ascending; [] when there is no directory.
+
+  A save in progress is an Orbax temporary directory (`<step>.orbax-checkpoint-tmp-<time>`), or on
+  an object store (gs://) a step directory without `commit_success.txt`: neither is listed.
+  """
+  return sorted(ocp.path.step.checkpoint_steps(directory))
+
+
+def _read(read: Callable[[], Any], what: str, retries: Retries, log: Callable[[str], None],
+          gone: Callable[[], bool] = lambda: False) -> Any:
+  """`read()`, tried again while it fails with a read error that may pass (this process alone).
+
+  Raises `_Unreadable` with the reason once the damage reproduces, `gone()` says the checkpoint
+  was removed meanwhile, or every try failed.
+  """
+  kinds = []
+  for attempt in range(1, retries.tries + 1):
+    try:
+      return read()
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not _read_error(e):
+        raise
+      error = e
+    _after_failed_read()
+    kinds.append(damage(error))
+    if gone():
+      raise _Unreadable("it was removed while it was read", error)
+    if (len(kinds) > 1 and kinds[-1] is not None and kinds[-1] == kinds[-2]) or \
+        attempt == retries.tries:
+      break
+    pause = retries.pause(attempt)
+    log(f"{what}: reading failed ({root_cause(error)}); trying again in {pause:g}s "
+        f"(try {attempt + 1} of {retries.tries})")
+    time.sleep(pause)
+  raise _Unreadable(_reason(kinds, error, retries.tries), error)
+
+
+def _reason(kinds: list, error: BaseException, tries: int) -> str:
+  """Why a checkpoint counts as unreadable: the damage seen twice, or every try failing."""
+  if kinds[-1] is not None and len(kinds) > 1 and kinds[-1] == kinds[-2]:
+    return f"{kinds[-1]}: {root_cause(error)}"
+  return f"failed {len(kinds)} time{'s' if len(kinds) > 1 else ''}: {root_cause(error)}"
+
+
+class _Unreadable(Exception):
+  """A checkpoint that could not be read; `reason` is what its log line says."""
+
+  def __init__(self, reason: str, error: BaseException):
+    super().__init__(reason)
+    self.reason, self.error = reason, error
+
+
+def _print_on_main(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def read_params(directory: epath.Path, abstract_params: Any, step: Optional[int],
+                retries: Retries, log: Callable[[str], None]) -> Any:
+  """Only the parameters of `step` (default: the newest committed), onto `abstract_params`'
+  shardings, with a read error that may pass tried again. Any failure is a CheckpointError."""
+  steps = committed_steps(directory)
+  step = (steps[-1] if steps else None) if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {directory}")
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint {step} in {directory}; it has {steps}")
+  state_dir = directory / str(step) / "state"
+  check_tree(state_dir, {"params": abstract_params}, f"checkpoint {step}")
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+  try:
+    return _read(lambda: _read_params(state_dir, abstract_params, restore_args),
+                 f"checkpoint {step} in {directory}", retries, log,
+                 gone=lambda: step not in committed_steps(directory))
+  except _Unreadable as e:
+    others = [s for s in committed_steps(directory) if s != step]
+    raise CheckpointError(
+        f"checkpoint {step} in {directory} cannot be read ({e.reason})"
+        + (f"; the run has other checkpoints {others}: pick one with its step" if others
+           else "")) from e.error
+
+
+class CheckpointReader:
+  """A run's checkpoints, read-only: how eval, predict, export and the demo open them.
+
+  The training process may be saving beside it at any moment, so this lists committed steps only
+  and never creates, cleans up or writes anything (removing what a killed save left behind is the
+  training process's `Checkpointer`'s job: a reader cannot tell a killed save from a running one).
+  """
+
+  def __init__(self, directory: str, retries: Optional[Retries] = None,
+               log: Callable[[str], None] = _print_on_main):
+    self.directory = absolute(directory)
+    self.retries = retries or Retries()
+    self.log = log
+
+  def all_steps(self) -> list[int]:
+    return committed_steps(self.directory)
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
+    """See `read_params`."""
+    return read_params(self.directory, abstract_params, step, self.retries, self.log)
+
+
+@dataclasses.dataclass
+class _Save:
+  """A save that was started: its step, how to start it again, and the state it writes."""
+  step: int
+  start: Callable[[], bool]
+  state: Any
+
+  def can_restart(self) -> bool:
+    """Whether the state is still there to write again (the train step donates it)."""
+    return not any(x.is_deleted() for x in jax.tree.leaves(self.state)
+                   if isinstance(x, jax.Array))
+
+
 class Checkpointer:
-  """A CheckpointManager for TrainState and the data iterator.
+  """The training process's checkpoints: a CheckpointManager for TrainState and the data iterator.
+
+  Only the process that trains builds one: it creates the directory and, when it starts, removes
+  the temporary directories a killed save left behind. Everything else opens a run with
+  `CheckpointReader`.
 
   Args:
     directory: where step directories go.
@@ -138,14 +387,21 @@ class Checkpointer:
     keep_best: (metric, "min" | "max"): also keep the checkpoint with the best value of that
       metric among those saved with metrics (`save(..., metrics=)`).
     keep_period: also keep every checkpoint whose step is a multiple of this.
+    retries: how a failed read or write is tried again (default: `Retries()`, gin-configurable).
+    log: where the lines about retries go (default: printed by process 0).
   """
 
   def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1000,
                async_save: bool = True, keep_best: Optional[Tuple[str, str]] = None,
-               keep_period: Optional[int] = None):
+               keep_period: Optional[int] = None, retries: Optional[Retries] = None,
+               log: Callable[[str], None] = _print_on_main):
     self.save_every = save_every
     self.directory = absolute(directory)
     self.keeps_best = keep_best is not None
+    self.retries = retries or Retries()
+    self.log = log
+    self._in_flight: Optional[_Save] = None  # started, not yet known to be complete
+    self._failed_in_row = 0
     policies = []
     if keep is not None:
       policies.append(preservation.LatestN(n=keep))
@@ -163,6 +419,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
+    _quiet_failed_save()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -176,12 +433,15 @@ class Checkpointer:
 
     `step` (default: read from `state`) lets the train loop skip a device read. A state with a
     non-finite value raises DivergenceError instead: it would replace good checkpoints (keep-N).
-    `metrics` (e.g. the step's eval scores) rank the checkpoint for `keep_best`.
+    `metrics` (e.g. the step's eval scores) rank the checkpoint for `keep_best`. If the previous
+    (background) save failed, this one is its retry; CheckpointError once `retries.tries` saves
+    in a row failed.
     """
     step = int(jax.device_get(state.step)) if step is None else step
     # The interval first: the loop calls this every step, and listing the steps reads storage.
     if (not force and step % self.save_every) or step in self.manager.all_steps():
       return False
+    self._settle(next_step=step)
     if not bool(_all_finite(state)):
       last = self.latest_step()
       raise DivergenceError(
@@ -191,8 +451,84 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = DataIteratorSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True,
-                             metrics=metrics)
+    return self._start(_Save(step, lambda: self.manager.save(
+        step, args=ocp.args.Composite(**items), force=True, metrics=metrics), state))
+
+  def _start(self, save: _Save) -> bool:
+    """Starts `save`, again after a failure of its own (the state is still here)."""
+    while True:
+      try:
+        error, started = None, save.start()
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if not _read_error(e):
+          raise
+        error, started = e, False
+      if _agree(error is None):
+        self._in_flight = save if started else None
+        return started
+      self._failed(save.step, error, next_step=save.step)
+
+  def _settle(self, next_step: Optional[int] = None) -> None:
+    """Waits for the save in flight. If it failed, the save of `next_step` about to start is its
+    retry; at the end of a run (`next_step` None) the same step is written again."""
+    save, self._in_flight = self._in_flight, None
+    if save is None:  # every process started the same saves: none is in flight anywhere
+      self.manager.wait_until_finished()
+      return
+    error = None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not _read_error(e):
+        raise
+      error = e
+    if _agree(error is None):
+      self._failed_in_row = 0
+      return
+    if next_step is None:  # the end of the run: the same step again, if its state is still here
+      next_step = save.step if save.can_restart() else None
+    self._failed(save.step, error, next_step)
+    if next_step == save.step:
+      self._start(save)
+      self._settle()
+
+  def _failed(self, step: int, error: Optional[BaseException], next_step: Optional[int]) -> None:
+    """Counts a failed save of `step` and clears what it left. Logs the retry (the save of
+    `next_step`; None: there is none) and pauses, or raises CheckpointError when there is no
+    retry, the error cannot pass (a full disk) or `retries.tries` saves in a row failed."""
+    self._failed_in_row += 1
+    self.manager.reload()  # Orbax's list may name the failed step, or miss older ones
+    self._remove_unfinished(step)
+    reason = root_cause(error) if error is not None else "another process could not write it"
+    permanent = isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS
+    if next_step is None or permanent or self._failed_in_row >= self.retries.tries:
+      last = self.manager.latest_step()
+      tries = (f"; {self._failed_in_row} saves in a row failed" if self._failed_in_row > 1
+               else "")
+      raise CheckpointError(
+          f"checkpoint {step} could not be written to {self.directory} ({reason}{tries}). The "
+          "last good checkpoint is " + (f"step {last} ({self.directory / str(last)}): run the "
+                                        "same command to resume from it" if last is not None
+                                        else "none (no checkpoint was written)")) from error
+    pause = self.retries.pause(self._failed_in_row)
+    instead = "writing it again" if next_step == step else f"writing step {next_step} instead"
+    self.log(f"checkpoint {step} could not be written ({reason}); {instead} in {pause:g}s "
+             f"(try {self._failed_in_row + 1} of {self.retries.tries})")
+    time.sleep(pause)
+
+  def _remove_unfinished(self, step: int) -> None:
+    """Removes what a failed save of `step` left (its temporary directory; on an object store,
+    the step directory without its commit file), so that writing it again starts clean. Safe
+    here only: this process is the run's one writer, and no save is in flight."""
+    if jax.process_index() == 0 and self.directory.exists():
+      committed = committed_steps(self.directory)
+      for path in self.directory.iterdir():
+        if (path.name.startswith(f"{step}.orbax-checkpoint-tmp") or
+            (path.name == str(step) and step not in committed)):
+          path.rmtree()
+    multihost_utils.sync_global_devices(f"simvlm_remove_unfinished_{step}")
 
   def check_model(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointError if `step` was written for other shapes or another parameter tree.
@@ -218,6 +554,7 @@ class Checkpointer:
     `abstract_state` is a tree of `jax.ShapeDtypeStruct`s with `.sharding` set: the checkpoint may
     have been written on any other mesh. The data iterator, if given, is restored in place; it
     must have been written by as many processes as this run has (each host reads its own shard).
+    One try: `restore_newest_readable` is what retries and skips.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -233,39 +570,29 @@ class Checkpointer:
             "Resume the state alone with --gin.train.resume_data_position=False (the data stream "
             "then starts again from its beginning)")
       items["data"] = DataIteratorRestore(data_iterator)
+    _quiet_read_echoes()
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def restore_newest_readable(self, abstract_state: Any, data_iterator: Any = None,
                               log: Callable[[str], None] = print) -> Optional[Any]:
     """Restores the newest checkpoint that can be read; None if there is none at all.
 
-    Checkpoints that cannot be read are tried newest first; each gets one `log` line. Once an older
-    one has been read, the newer unreadable ones are set aside (renamed, never deleted). If none
-    can be read, nothing is renamed and a CheckpointError names them: a fault that breaks every
-    checkpoint alike is more likely ours than the files'.
+    Each checkpoint is tried again after a read error that may pass (`retries`); it counts as
+    unreadable when the damage reproduces (a missing or corrupt file) or every try failed. The
+    unreadable ones are tried newest first; each gets one `log` line saying which it was. Once an
+    older one has been read, the newer unreadable ones are set aside (renamed, never deleted). If
+    none can be read, nothing is renamed and a CheckpointError names them: a fault that breaks
+    every checkpoint alike is more likely ours than the files'.
     """
     unreadable = []
     for step in sorted(self.all_steps(), reverse=True):
       self.check_model(step, abstract_state)
-      error = None
-      try:
-        state = self.restore(abstract_state, data_iterator, step)
-      except CheckpointError:
-        raise
-      except _READ_ERRORS as e:  # pylint: disable=catching-non-exception
-        error, state = e, None
-      except Exception as e:  # pylint: disable=broad-except
-        if type(e) is not Exception:  # Orbax raises bare Exceptions for TensorStore read errors.
-          raise
-        error, state = e, None
-      if error is not None:
-        _quiet_failed_read()
-      if _agree(error is None):
+      state, reason = self._restore_agreed(abstract_state, data_iterator, step, log)
+      if reason is None:
         for bad in unreadable:
           dest = self.set_aside(bad)
           log(f"checkpoint {bad} set aside as {dest}")
         return state
-      reason = root_cause(error) if error is not None else "another process could not read it"
       log(f"checkpoint {step} in {self.directory} cannot be read ({reason}); trying the one "
           "before it")
       unreadable.append(step)
@@ -275,6 +602,38 @@ class Checkpointer:
           "lines above). Move them away to start afresh, or run with --traceback if they look "
           "intact")
     return None
+
+  def _restore_agreed(self, abstract_state: Any, data_iterator: Any, step: int,
+                      log: Callable[[str], None]) -> Tuple[Optional[Any], Optional[str]]:
+    """(state, None) once `step` was read on every process, or (None, why it counts as
+    unreadable). Every process makes the same tries (each try ends in a collective)."""
+    kinds, error = [], None
+    for attempt in range(1, self.retries.tries + 1):
+      try:
+        error, state = None, self.restore(abstract_state, data_iterator, step)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if not _read_error(e):
+          raise
+        error, state = e, None
+        _after_failed_read()
+      if _agree(error is None):
+        return state, None
+      kinds.append(damage(error) if error is not None else None)
+      # Damage that reproduces ends the tries (on every process: each says it is done).
+      confirmed = error is None or (len(kinds) > 1 and kinds[-1] is not None and
+                                    kinds[-1] == kinds[-2])
+      if _agree(confirmed) or attempt == self.retries.tries:
+        break
+      pause = self.retries.pause(attempt)
+      log(f"checkpoint {step} in {self.directory}: reading failed ("
+          f"{root_cause(error) if error is not None else 'on another process'}); trying again "
+          f"in {pause:g}s (try {attempt + 1} of {self.retries.tries})")
+      time.sleep(pause)
+    if error is None:
+      return None, "another process could not read it"
+    return None, _reason(kinds, error, self.retries.tries)
 
   def set_aside(self, step: int) -> epath.Path:
     """Moves step `step` into `<directory>_unreadable/` (process 0; all processes wait)."""
@@ -293,34 +652,22 @@ class Checkpointer:
   def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
     """Only the parameters of `step` (default: latest), onto `abstract_params`' shardings.
 
-    Evaluation and prediction use this: the optimizer state (twice the parameters, for Adam) is
-    never read from storage nor held in memory. Any failure is a CheckpointError naming the step.
+    Evaluation and prediction use this (through `CheckpointReader`): the optimizer state (twice
+    the parameters, for Adam) is never read from storage nor held in memory. A read error that
+    may pass is tried again; any failure is a CheckpointError naming the step.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {self.directory}")
-    if step not in self.all_steps():
-      raise CheckpointError(f"no checkpoint {step} in {self.directory}; it has "
-                            f"{list(self.all_steps())}")
-    state_dir = self.directory / str(step) / "state"
-    check_tree(state_dir, {"params": abstract_params}, f"checkpoint {step}")
-    try:
-      return _read_params(state_dir, abstract_params,
-                          ocp.checkpoint_utils.construct_restore_args(abstract_params))
-    except Exception as e:  # pylint: disable=broad-except
-      _quiet_failed_read()
-      others = [s for s in self.all_steps() if s != step]
-      raise CheckpointError(
-          f"checkpoint {step} in {self.directory} cannot be read ({root_cause(e)})"
-          + (f"; the run has other checkpoints {others}: pick one with its step" if others
-             else "")) from e
+    return read_params(self.directory, abstract_params, step, self.retries, self.log)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; a failed one is written again (CheckpointError if it
+    cannot be)."""
+    self._settle()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._settle()
+    finally:
+      self.manager.close()
 
 
 def _saved_tree(state_dir: epath.Path) -> Optional[Any]:
@@ -360,6 +707,7 @@ def check_tree(state_dir: epath.Path, abstract: Any, what: str) -> None:
 
 def _read_params(state_dir: epath.Path, abstract_params: Any, restore_args: Any) -> Any:
   """The `params` subtree of a saved TrainState (a partial restore: no optimizer state read)."""
+  _quiet_read_echoes()
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item={"params": abstract_params}, restore_args={"params": restore_args},
@@ -412,7 +760,7 @@ def load_pretrained_params(init_from: str, target: Any) -> Tuple[Any, dict]:
     loaded = _read_params(state_dir / "state", abstract, jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract))
   except Exception as e:  # pylint: disable=broad-except
-    _quiet_failed_read()
+    _after_failed_read()
     raise CheckpointError(f"init_from: {what} cannot be read ({root_cause(e)}); point init_from "
                           "at another step directory") from e
   pretrained = {parameter_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}

@@ -253,3 +253,28 @@ def make_decode_fn(model: SimVLM, method: str = "greedy", max_decode_length: int
     return sample_or_greedy(model, params, images, prompt_tokens, max_decode_length, forced_tokens,
                             rng if method == "sample" else None, temperature, top_k, top_p)
   return fn
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(config: Any, method: str, max_decode_length: int = 32, beam_size: int = 4,
+           alpha: float = 0.6, out_sharding: Any = None) -> Callable:
+  """`jit(fn)(params, images, prompt_tokens) -> Output` (`make_decode_fn`) for a model config, or
+  with method "classifier" its classifier head's logits `[batch, classes]`: one compiled function
+  per (config, method, lengths, output sharding) for this process, shared by `predict`, `eval`
+  and the evaluators inside training, so a demo that evaluates several runs of one architecture
+  compiles once per input shape."""
+  model = SimVLM(config)
+  if method == "classifier":
+    fn = lambda p, im, pre: model.apply({"params": p}, im, pre, method="classify")  # noqa: E731
+  else:
+    fn = make_decode_fn(model, method=method, max_decode_length=max_decode_length,
+                        beam_size=beam_size, alpha=alpha)
+  return jax.jit(fn, out_shardings=out_sharding)
+
+
+def text_of(vocabulary: Any, ids: Any) -> str:
+  """The text of generated ids up to EOS; ids past the vocabulary (padded embedding rows) and
+  padding are left out."""
+  ids = list(ids)
+  ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+  return vocabulary.decode([i for i in ids if 0 < i < vocabulary.vocab_size])

@@ -58,7 +58,7 @@ def _held_out_accuracy(model_dir: str, splits: Sequence[str], with_images: bool)
   from simvlm_jax import run_dir
   from simvlm_jax.data import pipeline
   from simvlm_jax.partitioning import Partitioner
-  from simvlm_jax.train import evaluate
+  from simvlm_jax.evaluators import teacher_forced
   from simvlm_jax.trainer import Trainer
   run = run_dir.open_run(model_dir)
   # One device, where open_run put the parameters; the Trainer only lends its eval step.
@@ -73,8 +73,8 @@ def _held_out_accuracy(model_dir: str, splits: Sequence[str], with_images: bool)
       if not with_images:  # the text-only model reads the captions without their images
         batch["image_text"].pop("images")
       yield batch
-  return [evaluate(trainer, params, functools.partial(batches, split),
-                   max_batches=10**9)["eval/accuracy"] for split in splits]
+  return [teacher_forced.run(trainer, params, functools.partial(batches, split),
+                             max_batches=10**9)["eval/accuracy"] for split in splits]
 
 
 def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> dict:

@@ -23,12 +23,17 @@ environment variable, else the SLURM job step. In detail:
 
 `resolve()` is the pure part (environment in, keyword arguments out) and is what the tests check.
 """
+import json
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
 import jax
+import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
+
+from simvlm_jax.errors import UserError, one_line
 
 MODES = ("env", "auto", "off")
 
@@ -199,10 +204,94 @@ def initialize(env: Optional[Mapping[str, str]] = None) -> Optional[Dict[str, An
   """
   if jax.distributed.is_initialized():
     return None
-  kwargs = resolve(os.environ if env is None else env, **_flag_values())
+  try:
+    kwargs = resolve(os.environ if env is None else env, **_flag_values())
+  except ValueError as e:
+    raise UserError(f"distributed settings: {one_line(e)}") from e
   if kwargs is None:
     return None
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:  # e.g. the coordinator cannot be reached in time
+    raise UserError(f"jax.distributed.initialize({kwargs}) failed: {one_line(e)}") from e
   logging.info("jax.distributed: process %d of %d (%s)", jax.process_index(), jax.process_count(),
                kwargs)
   return kwargs
+
+
+# Agreement between processes. Every process of a run must enter the same collectives in the same
+# order: a decision that one host takes alone (an unreadable file, a refused setting, a preemption
+# notice) goes through one of these before anyone acts on it.
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (every process gets the same answer)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether `flag` holds on every process (every process gets the same answer)."""
+  return not any_process(not flag)
+
+
+def all_processes_mask(mask: np.ndarray) -> np.ndarray:
+  """Elementwise AND of a bool `[n]` mask over processes (same `n` everywhere)."""
+  mask = np.asarray(mask, bool)
+  if jax.process_count() == 1:
+    return mask
+  return np.all(multihost_utils.process_allgather(mask.astype(np.int32)), axis=0).astype(bool)
+
+
+_MESSAGE_BYTES = 1024
+T = TypeVar("T")
+
+
+def refuse_together(fn: Callable[[], T]) -> T:
+  """Runs `fn` on every process; a UserError on any one of them is raised on all of them.
+
+  A refusal that one host reaches alone (it alone reads a file that changed, say) must not leave
+  the others waiting in the next collective until the coordination service times out: the
+  processes exchange their first error lines, and each raises the lowest process's.
+  """
+  try:
+    result, error = fn(), None
+  except UserError as e:
+    result, error = None, e
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return result
+  encoded = np.zeros(_MESSAGE_BYTES, np.uint8)
+  if error is not None:
+    text = one_line(error).encode("utf-8")[:_MESSAGE_BYTES]
+    encoded[:len(text)] = np.frombuffer(text, np.uint8)
+    encoded[0] = encoded[0] or ord("?")  # never empty
+  gathered = multihost_utils.process_allgather(encoded)
+  for pid, row in enumerate(np.asarray(gathered)):
+    if row[0]:
+      if pid == jax.process_index():
+        raise error
+      raise UserError(bytes(row).rstrip(b"\0").decode("utf-8", errors="replace")
+                      + f" (process {pid})")
+  return result
+
+
+def gather_json(obj: Any) -> List[Any]:
+  """Every process's JSON-serialisable `obj`, in process order, on every process (e.g. the
+  predictions of a host-sharded evaluation: text, not arrays, so they travel as bytes)."""
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]
+
+
+def broadcast_json(obj: Any) -> Any:
+  """Process 0's JSON-serialisable `obj` on every process (the others' `obj` is ignored)."""
+  if jax.process_count() == 1:
+    return obj
+  return gather_json(obj if jax.process_index() == 0 else None)[0]

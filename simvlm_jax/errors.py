@@ -48,10 +48,15 @@ def report_and_exit(error: BaseException) -> NoReturn:
   sys.exit(EXIT_USER_ERROR)
 
 
-def run_main(main: Callable[[], Any]) -> None:
-  """Runs a command's body: a UserError becomes one `error:` line and exit status 2; an int the
-  body returns is the exit status."""
+def run_main(main: Callable[[], Any], multi_process: bool = True) -> None:
+  """Runs a command's body, after starting `jax.distributed` when `multi_process` and the run has
+  several processes (the command must import `simvlm_jax.distributed`, which defines its flags):
+  a UserError becomes one `error:` line and exit status 2; an int the body returns is the exit
+  status."""
   try:
+    if multi_process:
+      from simvlm_jax import distributed  # pylint: disable=import-outside-toplevel
+      distributed.initialize()  # before anything touches a device; a no-op for one process
     status = main()
     if isinstance(status, int) and not isinstance(status, bool) and status:
       sys.exit(status)

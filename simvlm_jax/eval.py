@@ -31,8 +31,9 @@ controls: how much of the score needs the images, and NLVR2's left from right.
 
 By default evaluation runs on one device. `evaluate.mesh_shape = (data, fsdp, model)` (e.g.
 `(-1, 1, 1)`) restores the parameters sharded by the training rules over all devices of all
-processes and splits each batch's rows over data x fsdp: every process reads every example, the
-processes decode together, and process 0 writes the results.
+processes and splits each batch's rows over data x fsdp. With several processes each reads its
+shard of the split (with the default one-device mesh, each decodes its shard on its own device),
+the predictions are gathered, process 0 scores them and writes the results.
 """
 import json
 from typing import Optional, Sequence
@@ -43,7 +44,8 @@ from absl import app
 from clu import metric_writers
 from etils import epath
 
-from simvlm_jax import checkpoints, console, distributed, gin_utils, run_dir
+from simvlm_jax import checkpoints, console, gin_utils, run_dir
+from simvlm_jax import distributed  # noqa: F401  (its --jax_distributed flags; run_main starts it)
 from simvlm_jax import train  # noqa: F401  (registers `train`, which saved configs bind)
 from simvlm_jax.errors import UserError, run_main
 from simvlm_jax.evaluators import Evaluator, scalars, summary, write_results
@@ -52,7 +54,7 @@ from simvlm_jax.metrics import vqa
 from simvlm_jax.partitioning import Partitioner
 
 
-@gin.configurable
+@gin.configurable(denylist=["overrides"])
 def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str = "validation",
              steps: Optional[Sequence[int]] = None, output_dir: Optional[str] = None,
              batch_size: int = 32, method: str = "auto", beam_size: int = 4, alpha: float = 0.6,
@@ -60,7 +62,8 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
              caption_metric_names: Sequence[str] = caption_metrics.ALL_METRICS,
              report_examples: int = 100,
              vqa_metric_version: str = vqa.DEFAULT_VERSION,
-             mesh_shape: Optional[Sequence[int]] = None, images: str = "given") -> dict[int, dict]:
+             mesh_shape: Optional[Sequence[int]] = None, images: str = "given",
+             overrides: tuple[Sequence[str], Sequence[str]] = ((), ())) -> dict[int, dict]:
   """Scores the checkpoints of `model_dir` on `task`; returns {step: scores}. See the module doc.
 
   Args:
@@ -79,11 +82,13 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
     images: "given"; or a control of whether the model uses its images: "grey" (every pixel
       128) or "swapped" (an image pair in reverse order: NLVR2's "left" and "right"). The
       default output_dir then ends in `_grey` / `_swapped`.
+    overrides: (gin files, bindings) applied over the run's config (the command line's, so that
+      e.g. `--gin.ModelConfig.attention="'fused'"` holds; see `run_dir.open_run`).
   """
   vqa.resolve_version(vqa_metric_version)  # a typo fails before the model loads
   partitioner = (Partitioner(tuple(mesh_shape)) if mesh_shape is not None
                  else run_dir.single_device())
-  run = run_dir.open_run(model_dir, restore=False, need_vocabulary=False)
+  run = run_dir.open_run(model_dir, restore=False, need_vocabulary=False, overrides=overrides)
   evaluator = Evaluator.for_run(run, task, split, partitioner, batch_size=batch_size,
                                 method=method, beam_size=beam_size, alpha=alpha,
                                 max_decode_length=max_decode_length, max_examples=max_examples,
@@ -104,29 +109,27 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
   all_scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
   writer = metric_writers.create_default_writer(str(output_dir), just_logging=not is_main)
   abstract = run_dir.abstract_params(run.config, partitioner)
-  ckpt = checkpoints.Checkpointer(str(run.directory / run_dir.CHECKPOINTS), keep=None)
+  # Read-only: the run may be training beside this evaluation.
+  ckpt = checkpoints.CheckpointReader(str(run.directory / run_dir.CHECKPOINTS))
   results = {}
-  try:
-    for step in todo:
-      result = evaluator.evaluate(ckpt.restore_params(abstract, step=step), caption_metric_names,
-                                  vqa_metric_version, report_examples)
-      scores = {**result.scores, "step": step, "images": images}
-      results[step] = all_scores[str(step)] = scores
-      if not is_main:
-        continue  # every process decoded; process 0 writes
-      write_results(output_dir, step, f"{task} ({split}{', images ' + images if control else ''}"
-                    f"), {run.directory} step {step}",
-                    evaluator.benchmark, result, report_examples)
-      tmp = output_dir / "scores.json.tmp"
-      tmp.write_text(json.dumps(all_scores, indent=1, sort_keys=True))
-      tmp.replace(scores_path)
-      writer.write_scalars(step, {f"eval/{task}/{k}": v for k, v in scalars(scores).items()})
-      print(f"{task} {split}{control} step {step}: {summary(evaluator.benchmark, scores)} "
-            f"({scores['examples']} examples, {evaluator.method}, "
-            f"{scores['predict_seconds']:.1f}s predict + {scores['score_seconds']:.1f}s score) -> "
-            f"{output_dir}", flush=True)
-  finally:
-    ckpt.close()
+  for step in todo:
+    result = evaluator.run(ckpt.restore_params(abstract, step=step), caption_metric_names,
+                                vqa_metric_version, report_examples)
+    scores = {**result.scores, "step": step, "images": images}
+    results[step] = all_scores[str(step)] = scores
+    if not is_main:
+      continue  # every process decoded; process 0 writes
+    write_results(output_dir, step, f"{task} ({split}{', images ' + images if control else ''}"
+                  f"), {run.directory} step {step}",
+                  evaluator.benchmark, result, report_examples)
+    tmp = output_dir / "scores.json.tmp"
+    tmp.write_text(json.dumps(all_scores, indent=1, sort_keys=True))
+    tmp.replace(scores_path)
+    writer.write_scalars(step, {f"eval/{task}/{k}": v for k, v in scalars(scores).items()})
+    print(f"{task} {split}{control} step {step}: {summary(evaluator.benchmark, scores)} "
+          f"({scores['examples']} examples, {evaluator.method}, "
+          f"{scores['predict_seconds']:.1f}s predict + {scores['score_seconds']:.1f}s score) -> "
+          f"{output_dir}", flush=True)
   writer.flush()
   writer.close()
   return results
@@ -135,8 +138,7 @@ def evaluate(model_dir: str = gin.REQUIRED, task: str = gin.REQUIRED, split: str
 def main(argv: Sequence[str]):
   del argv
   console.own_stdout()  # the run's own lines, not Gloo's (multi-process CPU runs)
-  distributed.initialize()
-  run_main(lambda: (gin_utils.parse_flags(), evaluate()))
+  run_main(lambda: (gin_utils.parse_flags(), evaluate(overrides=gin_utils.flag_overrides())))
 
 
 if __name__ == "__main__":

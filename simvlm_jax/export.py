@@ -70,7 +70,7 @@ def main(argv):
     info = export(f.model_dir, f.out_dir, f.step)
     print(f"exported step {info['step']} of {info['source']}: {info['parameters']:,} parameters "
           f"({info['bytes'] / 2**20:.1f} MiB, no optimizer state) -> {f.out_dir}")
-  run_main(run)
+  run_main(run, multi_process=False)
 
 
 if __name__ == "__main__":

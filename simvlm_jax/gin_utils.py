@@ -13,7 +13,7 @@ from absl import flags, logging
 from etils import epath
 
 from simvlm_jax import console
-from simvlm_jax.errors import UserError
+from simvlm_jax.errors import UserError, report_and_exit
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
@@ -23,7 +23,8 @@ def rewrite_gin_args(argv: Sequence[str]) -> List[str]:
     if arg.startswith("--gin."):
       key, sep, value = arg[len("--gin."):].partition("=")
       if not sep:
-        raise ValueError(f"expected --gin.KEY=VALUE, got {arg!r}")
+        raise UserError(f"expected --gin.KEY=VALUE, got {arg!r} (a value with spaces or quotes "
+                        "needs shell quoting: --gin.KEY=\"'text'\")")
       arg = f"--gin_bindings={key} = {value}"
     out.append(arg)
   return out
@@ -119,7 +120,12 @@ def _configurable_selectors() -> List[str]:
 
 
 def main_argv() -> List[str]:
-  return rewrite_gin_args(sys.argv)
+  """The command line with `--gin.KEY=VALUE` rewritten; a malformed one ends the command with one
+  `error:` line (before absl parses the flags, so there is no --traceback yet)."""
+  try:
+    return rewrite_gin_args(sys.argv)
+  except UserError as e:
+    report_and_exit(e)
 
 
 def define_flags() -> None:
@@ -135,6 +141,15 @@ def define_flags() -> None:
 def define_console_flags() -> None:
   flags.DEFINE_bool("library_logs", False, "Show the libraries' logging (TensorFlow, XLA, Orbax, "
                     "absl INFO); off by default, see `simvlm_jax.console`.")
+
+
+def flag_overrides() -> tuple[List[str], List[str]]:
+  """(gin files, bindings) of the command line, for commands that apply them over a run's own
+  config (`run_dir.open_run`); nothing when absl has not parsed a command line."""
+  f = flags.FLAGS
+  if not f.is_parsed() or "gin_file" not in f:
+    return [], []
+  return list(f.gin_file), list(f.gin_bindings)
 
 
 def parse_flags() -> None:

@@ -182,3 +182,11 @@ class Partitioner:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(x)),
         host_batch)
+
+  def local_rows(self, array: jax.Array) -> np.ndarray:
+    """The rows of a global array sharded like `shard_batch`'s that this process holds, in the
+    order it gave them: `shard_batch`'s inverse (e.g. for the outputs of a host-sharded eval)."""
+    blocks = {}
+    for shard in array.addressable_shards:
+      blocks.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])

@@ -29,11 +29,11 @@ import numpy as np
 from absl import app, flags
 
 from simvlm_jax import console, decoding, distributed, gin_utils, run_dir
+from simvlm_jax.data import image_ops
 from simvlm_jax import train  # noqa: F401  (registers `train`, which saved configs bind)
 from simvlm_jax.errors import UserError, run_main
 from simvlm_jax.partitioning import Partitioner
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 CAPTION_PROMPT = "a picture of"
 # What the prompt is for each kind of run (the text the run's task put before the target).
 PROMPT_ROLE = {"vqa_v2": "the question", "nlvr2": "the statement about the image pair",
@@ -66,7 +66,6 @@ class Predictor:
     if self.classifier and not self.run.answers:
       raise UserError(f"{self.run.directory} has a classifier head but no {run_dir.ANSWERS_FILE}, "
                       "so its classes have no names")
-    self._fns = {}
 
   def restore(self) -> None:
     self.run.restore(self.run.step, self.partitioner)
@@ -89,19 +88,6 @@ class Predictor:
     length = max(1, max(len(i) for i in ids))
     return np.array([i + [0] * (length - len(i)) for i in ids], np.int32)
 
-  def _fn(self, beam_size: int, max_decode_length: int):
-    key = "classify" if self.classifier else (beam_size, max_decode_length)
-    if key not in self._fns:
-      model = self.run.model
-      if self.classifier:
-        fn = lambda p, im, pre: model.apply({"params": p}, im, pre, method="classify")  # noqa
-      else:
-        fn = decoding.make_decode_fn(model, method="beam" if beam_size > 1 else "greedy",
-                                     max_decode_length=max_decode_length,
-                                     beam_size=max(beam_size, 1))
-      self._fns[key] = jax.jit(fn, out_shardings=self.partitioner.replicated)
-    return self._fns[key]
-
   def generate(self, images: Optional[np.ndarray], prompts: Sequence[str], beam_size: int = 1,
                max_decode_length: int = 32) -> List[dict]:
     """`images`: uint8 `[batch, H, W, 3]` (`[batch, 2, H, W, 3]` for pairs) at the model's size,
@@ -110,7 +96,10 @@ class Predictor:
     images, prompt_tokens = self.partitioner.shard_global_batch(
         (images, self.encode_prompt(prompts)))
     with self.partitioner.activate():
-      out = self._fn(beam_size, max_decode_length)(self.run.params, images, prompt_tokens)
+      fn = decoding.jitted(self.config, "classifier" if self.classifier else
+                         "beam" if beam_size > 1 else "greedy", max_decode_length,
+                         max(beam_size, 1), out_sharding=self.partitioner.replicated)
+      out = fn(self.run.params, images, prompt_tokens)
     if self.classifier:
       probs = jax.device_get(jax.nn.sigmoid(out))
       top = np.argmax(probs, axis=-1)
@@ -133,7 +122,6 @@ def load_image(path: str, size: int) -> np.ndarray:
   """Any JPEG/PNG/GIF/BMP -> uint8 `[size, size, 3]` (centre crop), as evaluation prepares it.
   Raises UserError naming the file and the reason when it cannot be read."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from simvlm_jax.data import image_ops  # pylint: disable=import-outside-toplevel
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
       encoded = f.read()
@@ -151,9 +139,10 @@ def expand_images(pattern: str) -> List[str]:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if tf.io.gfile.isdir(pattern):
     paths = sorted(os.path.join(pattern, name) for name in tf.io.gfile.listdir(pattern)
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
+                   if name.lower().endswith(image_ops.IMAGE_EXTENSIONS))
     if not paths:
-      raise UserError(f"folder {pattern} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+      raise UserError(f"folder {pattern} holds no image file "
+                      f"({', '.join(image_ops.IMAGE_EXTENSIONS)})")
     return paths
   if any(c in pattern for c in "*?["):
     paths = sorted(tf.io.gfile.glob(pattern))
@@ -244,27 +233,40 @@ def predict_files(r: Request, out=None, err=None) -> int:
   examples, size = _inputs(predictor, r), predictor.config.image_size
   predictor.restore()
   done = failed = 0
+  shape = (2 if predictor.pairs else 1, size, size, 3)
   for start in range(0, len(examples), r.batch_size):
-    chunk, pixels = [], []
-    for paths in examples[start:start + r.batch_size]:
+    chunk, pixels, errors = examples[start:start + r.batch_size], [], []
+    for paths in chunk:
       try:
         pixels.append(np.stack([load_image(p, size) for p in paths]))
-        chunk.append(paths)
+        errors.append(None)
       except UserError as e:
-        if r.strict:
-          raise
-        say(f"error: {e}", to_err=True)
-        failed += 1
-    if not chunk:
+        pixels.append(np.zeros(shape, np.uint8))
+        errors.append(e)
+    # Every process decodes every batch together: an image is predicted only where every process
+    # read it (a host's flaky read must not make it skip a collective the others enter).
+    read = distributed.all_processes_mask([e is None for e in errors])
+    for paths, error, ok in zip(chunk, errors, read):
+      if ok:
+        continue
+      error = error or UserError(f"cannot read image {', '.join(paths)}: another process could "
+                                 "not read it")
+      if r.strict:
+        raise error
+      say(f"error: {error}", to_err=True)
+      failed += 1
+    if not read.any():
       continue
-    # A fixed batch shape (padded with blank images): one compilation for every chunk.
-    batch = np.zeros((r.batch_size,) + pixels[0].shape, np.uint8)
-    batch[:len(pixels)] = pixels
+    # A fixed batch shape (unread and missing rows blank): one compilation for every chunk.
+    batch = np.zeros((r.batch_size,) + shape, np.uint8)
+    batch[:len(pixels)] = np.where(read[:, None, None, None, None], np.stack(pixels), 0)
     if not predictor.pairs:
       batch = batch[:, 0]
     results = predictor.generate(batch, [prompt] * r.batch_size, r.beam_size,
                                  r.max_decode_length)
-    for paths, result in zip(chunk, results):
+    for paths, ok, result in zip(chunk, read, results):
+      if not ok:
+        continue
       if r.format == "json":
         record = {"image": paths[0], **({"image2": paths[1]} if len(paths) > 1 else {}),
                   "prompt": prompt, **result}
@@ -290,7 +292,6 @@ def _predict() -> int:
 def main(argv):
   del argv
   console.own_stdout()  # its stdout is data (JSON lines): no library may print there
-  distributed.initialize()
   run_main(_predict)
 
 

@@ -12,6 +12,10 @@ handler tells the coordination service, which picks the step after the largest s
 has reached, and `multihost_utils.reached_preemption_sync_point(step)` turns True on every process
 at that step. SIGINT (Ctrl-C) is turned into a SIGTERM to this process, so it takes the same path.
 
+Evaluations: the loop asks `reached` before any evaluation of a step, and a long evaluation asks
+`stop_requested()` between its batches (one process: the signal; several: the notice JAX's sync
+manager posts in the coordination service, agreed by all), then the loop saves that step.
+
 A second SIGINT interrupts at once (KeyboardInterrupt), for a user who does not want to wait.
 """
 import os
@@ -20,8 +24,11 @@ import threading
 from typing import Optional
 
 import jax
+import jax._src.distributed  # noqa: F401  (the coordination service client)
 from absl import logging
 from jax.experimental import multihost_utils
+
+from simvlm_jax import distributed
 
 
 class PreemptionWatcher:
@@ -61,11 +68,43 @@ class PreemptionWatcher:
     if self._multi and signum != signal.SIGTERM:
       os.kill(os.getpid(), signal.SIGTERM)  # hand it to JAX's preemption notifier
 
-  def reached(self, step: int) -> bool:
-    """Whether to stop after `step` (call after every step with increasing steps)."""
+  def stop_requested(self) -> bool:
+    """Whether a stop was asked for on any process (the same answer on every process; one small
+    collective when there are several). Asked between the batches of an evaluation, where the
+    loop's `reached` cannot be: JAX's preemption sync point counts train steps only. On several
+    processes SIGTERM goes to JAX's notifier, which posts the notice in the coordination service
+    for every process to see; that is read here."""
+    self._print_notice()
+    asked = self.received is not None
+    if self._multi and not asked:
+      asked = _notice_posted()
+    return distributed.any_process(asked)
+
+  def _print_notice(self) -> None:
     if self._notice is not None:
       print(self._notice, flush=True)
       self._notice = None
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step` (call after every step with increasing steps)."""
+    self._print_notice()
     if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.received is not None
+
+
+# The key JAX's preemption sync manager writes into the coordination service when a process gets
+# a preemption notice (xla/pjrt/distributed/preemption): every process can read it at once.
+_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+
+
+def _notice_posted() -> bool:
+  # pylint: disable-next=protected-access
+  client = getattr(jax._src.distributed.global_state, "client", None)
+  if client is None:
+    return False
+  try:
+    client.key_value_try_get(_NOTICE_KEY)
+    return True
+  except jax.errors.JaxRuntimeError:  # not found (or the service is gone: nothing to act on)
+    return False

@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 
 from simvlm_jax import console
 from simvlm_jax.data import paths, vocab
+from simvlm_jax.errors import UserError, report_and_exit
 from tasks import folder_builder, shapes_builders, vocabularies
 from tasks.downstream import build as downstream_build
 
@@ -70,8 +71,11 @@ def _own_vocab(args: argparse.Namespace) -> None:
       args.max_sentences))
   if not sentences:
     raise SystemExit(f"no text in {args.sources}")
-  path = vocab.train_sentencepiece(sentences, args.vocab_size, name="own",
-                                   model_type=args.model_type)
+  try:
+    path = vocab.train_sentencepiece(sentences, args.vocab_size, name="own",
+                                     model_type=args.model_type)
+  except UserError as e:
+    report_and_exit(e)
   if args.output:
     tf.io.gfile.copy(path, args.output, overwrite=True)
     path = args.output

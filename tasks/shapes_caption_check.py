@@ -149,6 +149,22 @@ def summary(pooled: dict) -> str:
   return f"{claims}; {pooled['recall']:.0f}% of the objects are named{right}"
 
 
+def caption_correctness(examples: Sequence[Mapping], predictions: Sequence[str]) -> dict:
+  """The shapes world's caption tasks' metric fn beside the official caption metrics:
+  {"caption_correctness": `corpus_score`} of the captions whose example carries a scene.
+  `simvlm_jax.evaluators` calls it with the examples' pass-through features (`scores_examples`)."""
+  def text(x):
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x or "")
+  known = [i for i, example in enumerate(examples) if text(example.get("scene"))]
+  if not known:
+    return {}
+  return {"caption_correctness": corpus_score(
+      [predictions[i] for i in known], [scene_from_json(text(examples[i]["scene"])) for i in known])}
+
+
+caption_correctness.scores_examples = True
+
+
 def scene_from_json(text: str) -> dict[str, list[str]]:
   """The downstream benchmarks' scene feature ({"objects": [{"colour", "shape", "size", ...}]},
   `tasks.downstream.common`) as `score` takes it."""

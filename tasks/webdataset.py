@@ -39,14 +39,18 @@ import pyarrow.parquet as pq
 import seqio
 import tensorflow as tf
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from simvlm_jax.data import image_ops
+from simvlm_jax.errors import DataError, UserError
+
+# A sample's image member: its key without the dot (`image_ops` decodes these).
+IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in image_ops.IMAGE_EXTENSIONS)
 CHUNK_BYTES = 4 << 20  # bytes read at once from a tar (a larger sample is read on its own)
 _TAR_BLOCK = 512
 
 Shards = Union[str, Sequence[str]]  # a glob pattern, or a list of paths / patterns
 
 
-class ShardReadError(ValueError):
+class ShardReadError(DataError):
   """A shard file that cannot be read: damaged (e.g. a truncated tar), or without a column."""
 
 
@@ -275,7 +279,7 @@ class ShardFileSource(seqio.FileDataSource):
                   shard_info: Optional[seqio.ShardInfo] = None, **kwargs) -> tf.data.Dataset:
     files = self.list_shards(split)
     if shard_info and len(files) < shard_info.num_shards:
-      raise ValueError(
+      raise UserError(
           f"{len(files)} shard files ({self._split_to_filepattern[split]!r}, split {split!r}) for "
           f"{shard_info.num_shards} hosts: each host reads whole files, so give at least one file "
           "per host (img2dataset: a smaller number_sample_per_shard).")

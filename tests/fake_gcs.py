@@ -20,7 +20,8 @@ PREFIX = "gs://"
 
 
 def install(root: str) -> contextlib.ExitStack:
-  """Maps gs:// onto `root` for this process (until the returned stack is closed)."""
+  """Maps gs:// onto `root` for this process until the returned stack is closed (which puts
+  every patched function back, so a test may use it in its own process)."""
   # pylint: disable=import-outside-toplevel,protected-access
   from etils.epath import gpath, testing
 
@@ -42,30 +43,36 @@ def install(root: str) -> contextlib.ExitStack:
       yield remote(os.fspath(parent)), dirs, files
 
   stack = contextlib.ExitStack()
+
+  def patch(owner, name, value):  # put back when the stack closes (a test may install it)
+    stack.callback(setattr, owner, name, getattr(owner, name))
+    setattr(owner, name, value)
+
   # epath's own test double: every epath call goes through these (non-gs:// paths unchanged).
   stack.enter_context(testing.mock_epath(
       open=one_path, exists=one_path, isdir=one_path, listdir=one_path, makedirs=one_path,
       mkdir=one_path, rmtree=one_path, remove=one_path, stat=one_path, copy=two_paths,
       rename=two_paths, replace=two_paths, walk=walk,
       glob=lambda fn, pattern: [remote(p) for p in fn(local(pattern))]))
-  gpath._is_tf_installed = lambda: False  # else epath sends gs:// to tf.io.gfile
+  patch(gpath, "_is_tf_installed", lambda: False)  # else epath sends gs:// to tf.io.gfile
 
   import tensorflow as tf
   # seqio reads through `tensorflow.compat.v2`, a module object of its own.
   for gfile in {id(m): m for m in (tf.io.gfile, tf.compat.v2.io.gfile)}.values():
     for name in ("exists", "isdir", "listdir", "makedirs", "remove", "rmtree", "stat", "GFile"):
-      setattr(gfile, name, functools.partial(one_path, getattr(gfile, name)))
+      patch(gfile, name, functools.partial(one_path, getattr(gfile, name)))
     for name in ("copy", "rename"):
-      setattr(gfile, name, functools.partial(two_paths, getattr(gfile, name)))
-    gfile.glob = (lambda fn: lambda pattern: [remote(p) for p in fn(local(pattern))])(gfile.glob)
+      patch(gfile, name, functools.partial(two_paths, getattr(gfile, name)))
+    patch(gfile, "glob",
+          (lambda fn: lambda pattern: [remote(p) for p in fn(local(pattern))])(gfile.glob))
 
   from orbax.checkpoint._src.path import gcs_utils
-  gcs_utils.get_kvstore_for_gcs = lambda path: {"driver": "file", "path": local(path)}
-  gcs_utils.is_hierarchical_namespace_enabled = lambda path: False  # asks the bucket's API
+  patch(gcs_utils, "get_kvstore_for_gcs", lambda path: {"driver": "file", "path": local(path)})
+  patch(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)  # asks the bucket
 
   from clu import metric_writers
-  metric_writers.create_default_writer = functools.partial(one_path,
-                                                           metric_writers.create_default_writer)
+  patch(metric_writers, "create_default_writer",
+        functools.partial(one_path, metric_writers.create_default_writer))
   return stack
 
 

@@ -2,10 +2,14 @@
 a checkpoint of another number of processes, and the mistakes a user makes (each a UserError with
 one line that says what to change). The command-line side (one `error:` line, exit status 2) and
 the signals are in tests/test_fault_commands.py."""
+import gc
 import json
+import logging
 import os
 import shutil
 import signal
+import sys
+import warnings
 
 import gin
 import jax
@@ -14,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tasks  # noqa: F401  (registers the shapes tasks the user-error cases name)
-from simvlm_jax import checkpoints, decoding, gin_utils, preemption, train, trainer
+from simvlm_jax import checkpoints, decoding, gin_utils, nonfinite, preemption, train, trainer
 from simvlm_jax.data import pipeline, prefetch
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.errors import CheckpointError, DivergenceError, UserError, one_line
@@ -84,9 +88,10 @@ def test_nonfinite_step_changes_nothing_but_the_step(tiny_config):
   assert not all(np.array_equal(a, b) for a, b in zip(before, _leaves(state.params)))
 
 
-def _train_classifier(tiny_config, model_dir, nan_at, **kwargs):
+def _train_classifier(tiny_config, model_dir, nan_at, keep_gin=False, **kwargs):
   config = tiny_config(num_classes=CLASSES)
-  gin.clear_config()
+  if not keep_gin:
+    gin.clear_config()
   return train.train(
       model_dir=str(model_dir), total_steps=kwargs.pop("total_steps", 8),
       train_iterator_fn=lambda **kw: ClassifierBatches(config.image_size, config.vocab_size,
@@ -155,9 +160,9 @@ def test_a_nonfinite_state_is_never_saved(tiny_config, tmp_path):
 def test_nonfinite_policy_is_checked():
   ckpt = None
   with pytest.raises(UserError, match="nonfinite_policy must be 'skip' or 'halt'"):
-    train.NonFiniteGuard("ignore", 3, ckpt, print)
+    nonfinite.NonFiniteGuard("ignore", 3, ckpt, print)
   with pytest.raises(UserError, match="max_consecutive_nonfinite must be >= 1"):
-    train.NonFiniteGuard("skip", 0, ckpt, print)
+    nonfinite.NonFiniteGuard("skip", 0, ckpt, print)
 
 
 # --- damaged checkpoints --------------------------------------------------------------------------
@@ -204,13 +209,18 @@ DAMAGE = {
     # What the device prefetcher held (read, not yet trained on) when the checkpoint was saved.
     "held batches cut in half": lambda step: _cut(step / "data" / "process_0.pending.npz"),
 }
+# How the log line names each damage (reading the files again fails the same way).
+DAMAGE_KIND = {"array file cut in half": "corrupt", "array files deleted": "corrupt",
+               "tree metadata deleted": "corrupt", "iterator position deleted": "missing file",
+               "iterator position emptied": "corrupt", "held batches cut in half": "corrupt"}
+NO_WAIT = checkpoints.Retries(tries=3, delay_s=0)
 
 
 @pytest.mark.parametrize("how", sorted(DAMAGE))
 def test_restart_skips_and_sets_aside_an_unreadable_checkpoint(damaged, how):
   run, tr = damaged
   DAMAGE[how](run / "checkpoints" / "4")
-  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))
+  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"), retries=NO_WAIT)
   stream = lambda: SyntheticIterator(image_size=tr.config.image_size,  # noqa: E731  (the run's)
                                      vocab_size=tr.config.vocab_size, text_batch=4)
   lines, data = [], prefetch.DevicePrefetcher(stream(), lambda batch: batch, depth=0)
@@ -220,24 +230,91 @@ def test_restart_skips_and_sets_aside_an_unreadable_checkpoint(damaged, how):
   third = [next(fresh) for _ in range(3)][-1]
   assert int(state.step) == 2
   jax.tree.map(np.testing.assert_array_equal, next(data)[0], third)
-  assert len(lines) == 2
-  assert lines[0].startswith(f"checkpoint 4 in {run}/checkpoints cannot be read (")
-  assert lines[0].endswith("); trying the one before it")
-  assert lines[1] == f"checkpoint 4 set aside as {run}/checkpoints_unreadable/4"
+  # Read twice (the damage reproduces), then set aside.
+  assert len(lines) == 3, "\n".join(lines)
+  assert lines[0].startswith(f"checkpoint 4 in {run}/checkpoints: reading failed (")
+  assert lines[0].endswith("); trying again in 0s (try 2 of 3)")
+  assert lines[1].startswith(f"checkpoint 4 in {run}/checkpoints cannot be read "
+                             f"({DAMAGE_KIND[how]}: ")
+  assert lines[1].endswith("); trying the one before it")
+  assert lines[2] == f"checkpoint 4 set aside as {run}/checkpoints_unreadable/4"
   assert ckpt.all_steps() == [2]
   assert os.path.isdir(run / "checkpoints_unreadable" / "4" / "state")  # moved, not deleted
   ckpt.close()
+
+
+def _flaky(monkeypatch, owner, name, fails, error=OSError("503 Service Unavailable")):
+  """Makes `owner.name` raise `error` on its first `fails` calls (None: always); returns the
+  list of calls' first arguments after self (the step, or the path read)."""
+  real, calls = getattr(owner, name), []
+
+  def flaky(*args, **kwargs):
+    calls.append(args[1] if len(args) > 1 else args[0])
+    if fails is None or len(calls) <= fails:
+      raise error
+    return real(*args, **kwargs)
+  monkeypatch.setattr(owner, name, flaky)
+  return calls
+
+
+def test_a_read_error_that_passes_sets_nothing_aside(damaged, monkeypatch):
+  """A GCS 503 at restart: the newest checkpoint is read again (after a pause) and resumed from;
+  before, it was set aside and the run rolled back to the one before it."""
+  run, tr = damaged
+  calls = _flaky(monkeypatch, ocp.CheckpointManager, "restore", fails=1)
+  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))  # the default retries: a 1 s pause
+  lines = []
+  state = ckpt.restore_newest_readable(tr.abstract_state, SyntheticIterator(), log=lines.append)
+  assert int(state.step) == 4 and calls == [4, 4]
+  assert lines == [f"checkpoint 4 in {run}/checkpoints: reading failed (503 Service "
+                   "Unavailable); trying again in 1s (try 2 of 4)"]
+  assert ckpt.all_steps() == [2, 4] and not os.path.exists(run / "checkpoints_unreadable")
+  ckpt.close()
+
+
+def test_a_read_error_that_persists_sets_the_checkpoint_aside(damaged, monkeypatch):
+  run, tr = damaged
+  real = ocp.CheckpointManager.restore
+
+  def unavailable(self, step, *args, **kwargs):
+    if step == 4:
+      raise OSError("503 Service Unavailable")
+    return real(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", unavailable)
+  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"), retries=NO_WAIT)
+  lines = []
+  state = ckpt.restore_newest_readable(tr.abstract_state, SyntheticIterator(), log=lines.append)
+  assert int(state.step) == 2
+  assert lines[2:] == [f"checkpoint 4 in {run}/checkpoints cannot be read (failed 3 times: 503 "
+                       "Service Unavailable); trying the one before it",
+                       f"checkpoint 4 set aside as {run}/checkpoints_unreadable/4"]
+  ckpt.close()
+
+
+def test_eval_and_predict_read_again_after_an_error_that_passes(damaged, monkeypatch):
+  """`restore_params` (eval, predict, export) retries too."""
+  run, tr = damaged
+  calls = _flaky(monkeypatch, checkpoints, "_read_params", fails=1)
+  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))
+  params = ckpt.restore_params(tr.abstract_state.params)
+  assert len(calls) == 2 and len(jax.tree.leaves(params)) > 10
+  ckpt.close()
+  calls = _flaky(monkeypatch, checkpoints, "_read_params", fails=None)
+  reader = checkpoints.CheckpointReader(str(run / "checkpoints"), retries=NO_WAIT)
+  with pytest.raises(CheckpointError, match=r"^checkpoint 4 in .* cannot be read \(failed 3 "
+                     r"times: 503 Service Unavailable\); the run has other checkpoints \[2\]"):
+    reader.restore_params(tr.abstract_state.params)
 
 
 def test_no_readable_checkpoint_renames_nothing(damaged):
   run, tr = damaged
   for step in ("2", "4"):
     _cut(_largest_file(run / "checkpoints" / step / "state"))
-  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))
+  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"), retries=NO_WAIT)
   lines = []
   with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be read \(steps \[2, 4\]"):
     ckpt.restore_newest_readable(tr.abstract_state, SyntheticIterator(), log=lines.append)
-  assert len(lines) == 2
+  assert len(lines) == 4  # each: read again, then "cannot be read"
   assert sorted(ckpt.all_steps()) == [2, 4] and not os.path.exists(run / "checkpoints_unreadable")
   ckpt.close()
 
@@ -274,9 +351,9 @@ def test_checkpoint_of_another_number_of_processes(damaged):
 def test_restore_params_names_the_damaged_step(damaged):
   run, tr = damaged
   DAMAGE["array files deleted"](run / "checkpoints" / "4")
-  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))
-  with pytest.raises(CheckpointError, match=r"^checkpoint 4 in .* cannot be read \(.+\); the run "
-                     r"has other checkpoints \[2\]: pick one with its step$"):
+  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"), retries=NO_WAIT)
+  with pytest.raises(CheckpointError, match=r"^checkpoint 4 in .* cannot be read \(corrupt: .+\); "
+                     r"the run has other checkpoints \[2\]: pick one with its step$"):
     ckpt.restore_params(tr.abstract_state.params)
   params = ckpt.restore_params(tr.abstract_state.params, step=2)  # what the user then asks for
   assert len(jax.tree.leaves(params)) > 10
@@ -303,6 +380,142 @@ def test_init_from_names_the_damaged_step_and_skips_unfinished_ones(damaged):
   with pytest.raises(CheckpointError, match=r"^init_from: checkpoint 4 \(.*/checkpoints/4\) "
                      r"cannot be read \(.+\); point init_from at another step directory$"):
     checkpoints.load_pretrained_params(str(run), target)
+
+
+# --- failed saves --------------------------------------------------------------------------------
+
+def _fail_commits(monkeypatch, times):
+  """Makes the background commit of a checkpoint (Orbax renames its temporary directory, or on
+  an object store writes `commit_success.txt`) raise a 503 `times[step]` times (None: always)."""
+  # pylint: disable-next=import-outside-toplevel
+  from orbax.checkpoint._src.checkpointers import async_checkpointer
+  real, failed = async_checkpointer._on_commit_callback, []  # pylint: disable=protected-access
+
+  def commit(tmpdir, *args, **kwargs):
+    step = int(tmpdir.get_final().name)
+    if step in times and (times[step] is None or failed.count(step) < times[step]):
+      failed.append(step)
+      raise OSError("503 Service Unavailable")
+    return real(tmpdir, *args, **kwargs)
+  monkeypatch.setattr(async_checkpointer, "_on_commit_callback", commit)
+  return failed
+
+
+@pytest.fixture
+def quick_retries():
+  """Retries without pauses, bound in gin as a user would (the train loop builds its
+  Checkpointer)."""
+  gin.clear_config()
+  gin.bind_parameter("Retries.delay_s", 0.0)
+  yield
+  gin.clear_config()
+
+
+def test_a_save_that_fails_for_a_moment_is_written_again(tiny_config, tmp_path, monkeypatch,
+                                                         capsys, quick_retries):
+  """Step 4's background save fails once (step 6 is its retry), and the final step 8's fails
+  once (written again: its state is still there): the run ends normally."""
+  failed = _fail_commits(monkeypatch, {4: 1, 8: 1})
+  state = _train_classifier(tiny_config, tmp_path, nan_at=(), keep_gin=True)
+  assert int(state.step) == 8 and failed == [4, 8]
+  out = capsys.readouterr().out
+  assert ("checkpoint 4 could not be written (503 Service Unavailable); writing step 6 instead "
+          "in 0s (try 2 of 4)") in out
+  assert ("checkpoint 8 could not be written (503 Service Unavailable); writing it again in 0s "
+          "(try 2 of 4)") in out
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "6", "8"]  # no half-written one
+  assert _all_checkpoints_finite(str(tmp_path)) == [2, 6, 8]
+
+
+def test_a_save_that_keeps_failing_names_the_step_and_the_last_good_one(tiny_config, tmp_path,
+                                                                        monkeypatch, caplog,
+                                                                        quick_retries):
+  """One line (the CLI's `error: ...`): no Orbax traceback logged on the way."""
+  _fail_commits(monkeypatch, {6: None, 8: None})
+  with pytest.raises(CheckpointError) as error:
+    _train_classifier(tiny_config, tmp_path, nan_at=(), keep_gin=True)
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+  assert one_line(error.value) == (
+      f"checkpoint 8 could not be written to {tmp_path}/checkpoints (503 Service Unavailable; 4 "
+      f"saves in a row failed). The last good checkpoint is step 4 ({tmp_path}/checkpoints/4): "
+      "run the same command to resume from it")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  assert _all_checkpoints_finite(str(tmp_path)) == [2, 4]
+
+
+def test_a_full_disk_is_not_tried_again(tiny_config, tmp_path, monkeypatch, quick_retries):
+  tr = trainer.Trainer(tiny_config(), Partitioner((1, 1, 1), devices=ONE_DEVICE), total_steps=4)
+  state = tr.init_state()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1)
+  ckpt.save(state, step=1)
+  ckpt.wait()
+  calls = _flaky(monkeypatch, ocp.CheckpointManager, "save", fails=None,
+                 error=OSError(28, "No space left on device"))
+  with pytest.raises(CheckpointError, match=r"^checkpoint 2 could not be written to .* \(\[Errno "
+                     r"28\] No space left on device\). The last good checkpoint is step 1 "):
+    ckpt.save(state, step=2)
+  assert calls == [2]
+  ckpt.close()
+
+
+# --- echoes of a failed read ----------------------------------------------------------------------
+
+class _Unraisable:
+  """Raises `error` as an unraisable exception (from `__del__`) when dropped."""
+
+  def __init__(self, error):
+    self.error = error
+
+  def __del__(self):
+    raise self.error
+
+
+ECHO = Exception("Encountered error while reading array index: (slice(0, 32, 1),). See full "
+                 "TensorStore details: <bound method spec of TensorStore({\n  'driver': 'zarr',"
+                 "\n})>.")
+
+
+def test_the_echoes_of_an_abandoned_read_are_quiet_and_nothing_else_is(damaged, monkeypatch,
+                                                                        caplog):
+  """The reads Orbax abandons when one array cannot be read end later, one traceback each (a
+  restart past a damaged checkpoint printed one now and then); those alone are dropped."""
+  run, tr = damaged
+  DAMAGE["array files deleted"](run / "checkpoints" / "4")
+  shown = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: shown.append(u.exc_value))
+  monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
+  ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))
+  with pytest.raises(CheckpointError):
+    ckpt.restore_params(tr.abstract_state.params, step=4)
+  ckpt.close()
+  gc.collect()
+  shown.clear()
+  other = ValueError("a bug elsewhere")
+  for error in (ECHO, RuntimeError("Event loop is closed"), other):
+    _Unraisable(error)
+  assert shown == [other]
+  caplog.clear()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    for message in ("Task exception was never retrieved", "Future exception was never retrieved"):
+      for error in (ECHO, other):
+        logging.getLogger("asyncio").error(message, exc_info=(type(error), error, None))
+  assert [(r.getMessage(), r.exc_info[1]) for r in caplog.records] == [
+      ("Task exception was never retrieved", other),
+      ("Future exception was never retrieved", other)]
+  # A read Orbax had not started: its coroutine, collected, warns (another coroutine still does).
+  with warnings.catch_warnings(record=True) as warned:
+    _read_array_index_and_device_put()
+    _another_coroutine()
+    gc.collect()
+  assert [str(w.message) for w in warned] == ["coroutine '_another_coroutine' was never awaited"]
+
+
+async def _read_array_index_and_device_put():  # Orbax's name
+  pass
+
+
+async def _another_coroutine():
+  pass
 
 
 # --- the mistakes a user makes --------------------------------------------------------------------

@@ -95,3 +95,44 @@ def test_a_run_without_vocabulary_cannot_decode(tmp_path, tiny_config):
   with pytest.raises(UserError, match="no checkpoint in"):
     run.restore()
   gin.clear_config()
+
+
+def test_the_library_never_imports_tasks():
+  """No module of `simvlm_jax` imports the task zoo (`tasks/`): a reader of a run (predict,
+  export, eval of a task the user imports) needs none of it."""
+  import ast  # pylint: disable=import-outside-toplevel
+  library = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "simvlm_jax")
+  offenders = []
+  for root, _, files in os.walk(library):
+    for name in files:
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(root, name)
+      for node in ast.walk(ast.parse(open(path).read())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(n == "tasks" or n.startswith("tasks.") for n in names):
+          offenders.append(f"{os.path.relpath(path, library)}:{node.lineno}")
+  assert offenders == []
+
+
+def test_opening_a_run_does_not_import_its_task_modules(spm_models, tmp_path, tiny_config):
+  """A finetuning run's config.gin imports `tasks` and binds its configurables (as train writes
+  it): predict's `open_run` reads the model and the run's settings without importing any of it."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  model_dir, _ = write_run(tmp_path, tiny_config, spm_models[0])
+  gin.clear_config()
+  config = (model_dir / "config.gin").read_text()
+  (model_dir / "config.gin").write_text(
+      "import tasks\nimport simvlm_jax.data.finetune\n" + config +
+      "make_finetune_iterator.task_name = 'shapes_nlvr2'\n"
+      "tasks.register_downstream.variant = 'shapes'\n")
+  script = ("import sys\nfrom simvlm_jax import predict\n"
+            f"p = predict.Predictor({str(model_dir)!r}, restore=False)\n"
+            "print(p.benchmark, p.pairs, 'tasks' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["nlvr2", "True", "False"]

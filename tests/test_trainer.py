@@ -11,9 +11,12 @@ import optax
 import pytest
 import tensorflow as tf
 
-from simvlm_jax import evaluators, gin_utils, objectives, train, trainer
+from jax.extend import core as jax_core
+
+from simvlm_jax import evaluators, flops, gin_utils, objectives, train, trainer
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.errors import UserError
+from simvlm_jax.models import ModelConfig, SimVLM
 from simvlm_jax.partitioning import Partitioner
 
 ONE_DEVICE = jax.devices()[:1]
@@ -79,6 +82,55 @@ def test_train_step_is_deterministic_and_learns(tiny_config):
   assert set(metrics) >= {"loss", "accuracy", "grad_norm", "learning_rate", "target_tokens",
                           "image_text/loss", "text/loss"}
   assert int(state.step) == 8
+
+
+POISON = 3  # the first token of a row whose loss is made infinite
+
+
+def _poisoned_prefix_lm(tokens, keys, with_image):
+  """prefix_lm, but a row that starts with POISON weighs its loss infinitely: a loss that
+  becomes inf (the step is not finite) whenever the batch holds such a row."""
+  split = objectives.prefix_lm(tokens, keys, with_image)
+  split["loss_weights"] = jnp.where(tokens[:, :1] == POISON, jnp.inf, split["loss_weights"])
+  return split
+
+
+def test_logged_learning_rate_is_the_one_applied_after_a_skipped_step(tiny_config):
+  """Step 1's loss is not finite, so it is skipped and the optimizer's count stays at 1: step 2
+  applies schedule(1) and step 3 schedule(2) (warmup: 2e-3 per step), and logs them, not the
+  schedule at the step. What was applied is read off the weights: the text-position rows no
+  token reaches (positions >= 8 of 32) get zero gradients, so AdamW moves them by its decoupled
+  weight decay alone: p *= 1 - lr * wd."""
+  config = tiny_config()
+  part = Partitioner((1, 1, 1), devices=ONE_DEVICE)
+  clean = next(SyntheticIterator(image_text_batch=2, image_text_length=8, text_batch=2,
+                                 text_length=8, image_size=config.image_size,
+                                 vocab_size=config.vocab_size))
+  for sub in clean.values():
+    sub["text_tokens"][sub["text_tokens"] == POISON] = POISON + 1
+  poisoned = jax.tree.map(np.copy, clean)
+  poisoned["text"]["text_tokens"][0, 0] = POISON
+  gin.clear_config()
+  gin.parse_config(["learning_rate_schedule.peak_learning_rate = 1e-2",
+                    "learning_rate_schedule.warmup_fraction = 0.5",
+                    "make_optimizer.weight_decay = 10.0"])
+  try:
+    tr = trainer.Trainer(config, part, total_steps=10, objective=_poisoned_prefix_lm)
+  finally:
+    gin.clear_config()
+  state = tr.init_state()
+  unused = lambda s: np.asarray(s.params["text_positions"]["embedding"][8:])  # noqa: E731
+  logged, applied, skipped = [], [], []
+  for batch in (clean, poisoned, clean, clean):
+    before = unused(state)
+    state, metrics = tr.train_step(state, part.shard_batch(batch))
+    logged.append(float(metrics["learning_rate"]))
+    applied.append(float(np.mean(1.0 - unused(state) / before)) / 10.0)
+    skipped.append(int(metrics["nonfinite_loss"]))
+  assert skipped == [0, 1, 0, 0] and np.abs(before).min() > 0
+  np.testing.assert_allclose(logged, [0.0, 2e-3, 2e-3, 4e-3], rtol=1e-6)
+  # What the optimizer applied (nothing at the skipped step) is what was logged.
+  np.testing.assert_allclose(applied, [0.0, 0.0, 2e-3, 4e-3], rtol=1e-3, atol=1e-8)
 
 
 def _np_sigmoid_ce(logits, labels):
@@ -152,11 +204,69 @@ def test_bad_gin_binding_fails_before_training(tmp_path):
   gin.clear_config()
 
 
-def test_gin_train_loop_writes_config_metrics_and_checkpoints(tmp_path, capsys):
+def _product_flops(jaxpr) -> int:
+  """FLOPs (2 per multiply-add) of every dot_general in `jaxpr` and the jaxprs inside it."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contracted, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(
+          np.prod([lhs[d] for d in contracted]))
+    assert eqn.primitive.name != "conv_general_dilated"  # linear patches: products only
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        if isinstance(sub, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+          total += _product_flops(getattr(sub, "jaxpr", sub))
+  return total
+
+
+def test_batch_flops_are_three_times_the_forward_pass_products(tiny_config):
+  """A train step's model FLOPs (what MFU divides by the time and the peak) are 3x those of every
+  matrix product the forward pass of its loss runs, counted from the traced program: patches,
+  Transformer, attention, logits, over 2 image-text rows of 8 tokens and 3 text rows of 12."""
+  config = tiny_config(patchifier="linear")
+  model = SimVLM(config)
+  params = jax.eval_shape(lambda: trainer.init_params(model, config, jax.random.PRNGKey(0)))
+  batch = next(SyntheticIterator(image_text_batch=2, image_text_length=8, text_batch=3,
+                                 text_length=12, image_size=config.image_size,
+                                 vocab_size=config.vocab_size))
+
+  def loss(params, batch):
+    splits = trainer.split_batch(batch, 0, jnp.int32(0), objectives.prefix_lm)
+    sums = trainer._sums(model, params, splits, None)  # pylint: disable=protected-access
+    return sums["loss_sum"]
+  forward = _product_flops(jax.make_jaxpr(loss)(params, batch).jaxpr)
+  assert forward == 6_934_528
+  assert flops.batch_flops(config, batch) == 3 * forward
+
+
+def test_conv_stage_flops_by_hand(tiny_config):
+  """The tiny ResNet conv stage (32px images, stem 8, stages 16 and 32 of one bottleneck each,
+  patch 8), per image, as multiply-adds x 2:
+    stem 7x7, 3 -> 8 at 16x16                                     602,112
+    stage 16 at 8x8 (mid 4): 1x1 8->4, 3x3 4->4, 1x1 4->16,
+      projection 1x1 8->16:  4,096 + 18,432 + 8,192 + 16,384     =  47,104
+    stage 32, stride 2 (mid 8): 1x1 16->8 at 8x8, 3x3 8->8 at 4x4,
+      1x1 8->32 and projection 16->32 at 4x4:
+      16,384 + 18,432 + 8,192 + 16,384                            =  59,392
+    projection to embed: 1x1 32->32 on 16 tokens                   32,768
+  (The strided convolutions run as stride-1 ones over folded, zero-padded kernels, which do
+  more arithmetic; MFU counts the model's.)"""
+  assert flops.conv_stage_flops(tiny_config()) == 602_112 + 47_104 + 59_392 + 32_768
+  assert flops.conv_stage_flops(tiny_config(patchifier="linear")) == 2 * 16 * 8 * 8 * 3 * 32
+
+
+def test_gin_train_loop_writes_config_metrics_and_checkpoints(tmp_path, capsys, monkeypatch):
   model_dir = str(tmp_path / "run")
   _parse([f"train.model_dir = '{model_dir}'", "train.total_steps = 4", "train.log_every = 2",
           "train.checkpoint_every = 2", "SyntheticIterator.text_batch = 8",
           "train.profile_steps = (2, 3)"])
+  # A known peak (on CPU the loop times a matmul for it) and the step's FLOPs (`batch_flops`,
+  # checked against the traced program above): MFU = step FLOPs / step time / peak.
+  peak = 7.5e10
+  monkeypatch.setattr(flops, "matmul_peak", lambda *args, **kwargs: peak)
+  step_flops = flops.batch_flops(ModelConfig(), next(SyntheticIterator()))
   state = train.train()  # on all 8 devices: (data=8, fsdp=1, model=1)
   gin.clear_config()
   assert int(state.step) == 4
@@ -165,7 +275,7 @@ def test_gin_train_loop_writes_config_metrics_and_checkpoints(tmp_path, capsys):
   # The profile window, where TensorBoard's profile plugin looks for it.
   assert f"profiled steps 2-3: {model_dir}/plugins/profile (TensorBoard's profile tab)" in out
   assert glob.glob(os.path.join(model_dir, "plugins", "profile", "*", "*.xplane.pb"))
-  assert "MFU against a float32 matmul peak measured here: " in out
+  assert "MFU against a float32 matmul peak measured here: 0.075 TFLOP/s x 1 hosts" in out
   # Bytes per device, printed before compiling against what the device holds.
   assert re.search(r"^memory per device: parameters [\d.]+ MiB \+ optimizer state [\d.]+ MiB \+ "
                    r"gradients [\d.]+ MiB \+ activations [\d.]+ MiB \(estimated\) = [\d.]+ MiB of "
@@ -185,7 +295,8 @@ def test_gin_train_loop_writes_config_metrics_and_checkpoints(tmp_path, capsys):
   # Live efficiency: a window's step time and the MFU it implies, both from the same clock.
   for step in (2, 4):
     step_s, mfu = scalars["perf/step_time_s"][step], scalars["perf/mfu_measured_peak"][step]
-    assert 0 < step_s < 60 and 0 < mfu < 1
+    assert 0 < step_s < 60
+    assert mfu == pytest.approx(step_flops / step_s / peak, rel=1e-5)
     rows = scalars["examples_per_s"][step] * step_s
     assert rows == pytest.approx(8 + 8, rel=1e-3)  # 8 image-text + 8 text rows a step
 
@@ -216,31 +327,36 @@ def test_checkpoints_keep_the_newest_the_best_and_every_period(tmp_path):
   assert kept == sorted({worst, 4, 8}), (kept, losses)
   _parse([b for b in bindings if "eval" not in b.split("=")[0]])
   with pytest.raises(UserError, match="ranks checkpoints by an evaluation: name a scalar one "
-                     r"writes, eval/<name>/<metric> of train.evaluators \(none set\), or "
-                     "eval/loss with train.eval_iterator_fn and train.eval_every set"):
+                     r"writes, eval/<name>/<metric> of train.evaluators \(none set\), or one of "
+                     "eval/loss, eval/accuracy with train.eval_iterator_fn and train.eval_every "
+                     "set"):
     train.train()
   gin.clear_config()
 
 
 def test_keep_best_by_must_name_what_an_evaluation_writes():
-  """Before the run: the evaluator must exist (or the teacher-forced eval be set); at the first
-  evaluation of that evaluator: the metric must be one it wrote (a typo names the real ones)."""
-  official = {"vqa": evaluators.OfficialMetric(task="shapes_vqa_v2", every=10)}
-  train._check_keep_best_by("eval/vqa/accuracy", official, teacher_forced=False)
+  """Before step 1, the evaluator must exist (or the teacher-forced eval be set) and the metric
+  must be one it writes whatever the data: a typo names the real ones, and never costs the steps
+  since the last checkpoint (it used to raise at the first evaluation, before that step's save)."""
+  official = {"vqa": evaluators.OfficialMetric(task="shapes_vqa_v2", every=10),
+              "cap": evaluators.OfficialMetric(task="coco_captions", every=10),
+              "ve": evaluators.OfficialMetric(task="snli_ve", every=10)}
+  for ok in ("eval/vqa/accuracy", "eval/cap/CIDEr", "eval/cap/Bleu_4",
+             "eval/ve/per_class_accuracy/neutral"):
+    train._check_keep_best_by(ok, official, teacher_forced=False)
   train._check_keep_best_by("eval/loss", {}, teacher_forced=True)
+  train._check_keep_best_by("eval/accuracy", {}, teacher_forced=True)
   for name, specs, teacher_forced in (("eval/vqa/accuracy", {}, True),
-                                      ("eval/loss", official, False), ("loss", {}, True)):
+                                      ("eval/loss", official, False), ("loss", {}, True),
+                                      ("eval/los", {}, True)):
     with pytest.raises(UserError, match="ranks checkpoints by an evaluation"):
       train._check_keep_best_by(name, specs, teacher_forced)
-  scores = {"eval/loss": 2.0, "eval/accuracy": 0.5, "eval/vqa/accuracy": 40.0,
-            "eval/vqa/per_answer_type/number": 30.0}
-  train._check_ranked("eval/vqa/accuracy", scores)
-  train._check_ranked("eval/vqa/accuracy", {"eval/loss": 2.0})  # vqa not due at this step
-  with pytest.raises(UserError, match="'eval/vqa/acuracy': that evaluation writes "
-                     "eval/vqa/accuracy, eval/vqa/per_answer_type/number$"):
-    train._check_ranked("eval/vqa/acuracy", scores)
-  with pytest.raises(UserError, match="that evaluation writes eval/accuracy, eval/loss$"):
-    train._check_ranked("eval/los", scores)
+  with pytest.raises(UserError, match=r"'eval/vqa/acuracy': evaluator 'vqa' \(shapes_vqa_v2\) "
+                     "writes eval/vqa/accuracy$"):
+    train._check_keep_best_by("eval/vqa/acuracy", official, teacher_forced=False)
+  with pytest.raises(UserError, match="eval/cap/Bleu_1, eval/cap/Bleu_2, eval/cap/Bleu_3, "
+                     "eval/cap/Bleu_4, eval/cap/ROUGE_L, eval/cap/CIDEr$"):
+    train._check_keep_best_by("eval/cap/METEOR", official, teacher_forced=False)  # not computed
 
 
 def test_evaluator_settings_are_checked_before_the_run():

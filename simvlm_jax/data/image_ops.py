@@ -7,6 +7,9 @@ from typing import Optional
 import tensorflow as tf
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The file extensions `decode_rgb` reads (lower case): what a folder of images and a WebDataset
+# shard's image members are recognised by.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
 
 def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from typing import Callable, Iterable, Optional
 
 import gin
@@ -21,6 +22,7 @@ import sentencepiece as spm
 import tensorflow as tf
 
 from simvlm_jax.data import paths
+from simvlm_jax.errors import UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -112,8 +114,16 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, name: str,
     return path
 
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
-                                 minloglevel=2, **settings)
+  try:
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
+                                   minloglevel=2, **settings)
+  except RuntimeError as e:
+    most = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)",
+                     str(e))
+    if most is None:
+      raise
+    raise UserError(f"{len(sentences)} sentences give at most {most.group(2)} pieces, not "
+                    f"{most.group(1)}: give more text or a smaller vocabulary size") from None
   tf.io.gfile.makedirs(directory)
   # Write then rename: concurrent processes (one per host) never see a half-written file.
   tmp = f"{path}.tmp{os.getpid()}"

@@ -52,7 +52,7 @@ from simvlm_jax.data import paths
 from simvlm_jax.metrics import captions as caption_metrics
 from simvlm_jax.metrics import classification
 from simvlm_jax.metrics import vqa as vqa_metrics
-from tasks import pretraining
+from tasks import pretraining, shapes_caption_check
 from tasks.downstream import nocaps, snli_ve
 
 VARIANTS = ("official", "shapes")
@@ -201,7 +201,10 @@ def register_downstream(benchmark: str, variant: str = "official",
       preprocessors=[spec.preprocessor, _tokenize],
       output_features=spec.output_features,
       postprocess_fn=spec.postprocess_fn,
-      metric_fns=[metric_fn])
+      # The shapes world's captions are also checked against their scenes.
+      metric_fns=[metric_fn] + ([shapes_caption_check.caption_correctness]
+                                if variant == "shapes" and benchmark in ("coco_captions", "nocaps")
+                                else []))
 
 
 def register_all(data_dir: Optional[str] = None) -> list[str]:
