@@ -14,9 +14,9 @@ Faults, as a pod meets them:
   * A checkpoint of another model (other shapes or parameters) is a `CheckpointError`, never
     "damage": nothing is set aside.
   * A state holding a NaN or Inf is never written (`save` raises `DivergenceError`).
-  * Storage fails for a moment (a GCS 503): a read is tried again (`Retries`) and a checkpoint is
-    set aside only for damage that reproduces (a missing file, a corrupt one) or a read that fails
-    every try; the log line says which. A save that fails is written again (the next save, or the
+  * Storage fails for a moment (a GCS 503): a read is tried again (`checkpoint_faults.Retries`)
+    and a checkpoint is set aside only for damage that reproduces (a missing file, a corrupt one)
+    or a read that fails every try; the log line says which. A save that fails is written again (the next save, or the
     same step at the end of the run); one that keeps failing is a `CheckpointError` naming the
     step and the last good checkpoint.
 
@@ -25,37 +25,25 @@ left behind). Every other reader (eval, predict, export, the demo) opens its che
 `CheckpointReader`, which lists committed steps only and never creates, cleans or writes anything,
 so it may run beside the training at any moment.
 """
-import atexit
 import dataclasses
-import errno
-import gc
 import json
-import logging as logging_std
 import os
-import re
-import sys
 import time
-import warnings
-import zipfile
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from etils import epath
 from jax.experimental import multihost_utils
 
-from simvlm_jax.errors import CheckpointError, DivergenceError, one_line
+from simvlm_jax import checkpoint_faults as faults, distributed
+from simvlm_jax.errors import CheckpointError, DivergenceError
 
 PROCESSES_FILE = "processes.json"
 UNREADABLE_SUFFIX = "_unreadable"
-# Errors that mean "this checkpoint's files are not what was written". Programming errors
-# (TypeError, AttributeError, ...) are not among them, so a bug never sets a checkpoint aside.
-_READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError)
 
 
 def _iterator_path(directory: epath.Path) -> str:
@@ -88,95 +76,11 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
-def _read_echo(error: Optional[BaseException]) -> bool:
-  """Whether `error` is the echo of an abandoned TensorStore read: Orbax's own exception for one
-  array (a bare Exception), or a read's callback landing on the closed event loop it was started
-  from. Neither is ever raised by a read that succeeded."""
-  if type(error) is Exception:  # pylint: disable=unidiomatic-typecheck
-    return str(error).startswith("Encountered error while reading array")
-  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
-# Orbax's coroutine that reads one array (orbax/checkpoint/_src/serialization/serialization.py).
-_READ_COROUTINE = "_read_array_index_and_device_put"
-# asyncio's reports of a task or future that ended with an exception nobody retrieved.
-_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
-
-
-def _quiet_read_echoes() -> None:
-  """Drops the echoes of a failed TensorStore read (`_read_echo`).
-
-  When one array of a checkpoint cannot be read, Orbax abandons the other reads; their callbacks
-  land on a closed event loop, and their coroutines and tasks, once garbage, each print a
-  traceback (thousands for a large model), long after the one error that matters was reported.
-  Installed before every checkpoint read, not once one failed: the echoes may arrive while the
-  first error is still on its way up (issue #28: a traceback after a recovered restart, now and
-  then). It matches the echoes alone, so it hides nothing in a healthy run, nor any other error.
-  """
-  # A read Orbax had not started yet: Python warns when its coroutine is collected.
-  warnings.filterwarnings("ignore", category=RuntimeWarning,
-                          message=f"coroutine '{_READ_COROUTINE}' was never awaited")
-  if getattr(sys.unraisablehook, "_simvlm_filter", False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _read_echo(unraisable.exc_value):
-      previous(unraisable)
-
-  def keep(record):
-    error = record.exc_info[1] if record.exc_info else None
-    return not (record.getMessage().startswith(_NEVER_RETRIEVED) and _read_echo(error))
-
-  hook._simvlm_filter = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
-  logging_std.getLogger("asyncio").addFilter(keep)
-
-
-def _after_failed_read() -> None:
-  """Collects the abandoned reads while the filters are in place: at interpreter exit (once the
-  `sys` module is torn down, Python prints an unraisable error itself) none is left."""
-  if not getattr(_after_failed_read, "registered", False):
-    _after_failed_read.registered = True
-    atexit.register(gc.collect)
-
-
-# What Orbax logs (with a traceback) when a save fails: the Checkpointer reports every failed save
-# itself, in one line or a CheckpointError (the traceback behind --traceback).
-_SAVE_FAILURE_LOGS = ("Handler Commit operations or the Commit callback", "Save Finalize thread",
-                      "Checkpointer failed: one or more items may not be finalized")
-
-
-def _quiet_failed_save() -> None:
-  """Drops Orbax's own error records of a failed save (see `_SAVE_FAILURE_LOGS`)."""
-  logger = logging_std.getLogger("absl")
-  if not any(getattr(f, "_simvlm_save_filter", False) for f in logger.filters):
-    def keep(record):
-      return not any(text in record.getMessage() for text in _SAVE_FAILURE_LOGS)
-    keep._simvlm_save_filter = True  # pylint: disable=protected-access
-    logger.addFilter(keep)
-
-
-def root_cause(error: BaseException) -> str:
-  """One line for the innermost cause of an error (Orbax wraps TensorStore's message)."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  text = one_line(error)
-  return text if len(text) <= 300 else text[:297] + "..."
-
-
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def _agree(ok: bool) -> bool:
-  """True on every process iff `ok` on every process (one small collective when multi-host)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 @gin.configurable
@@ -185,67 +89,6 @@ def absolute(path: str) -> epath.Path:
   (Orbax needs absolute paths); paths with a scheme (gs://...) are kept as they are."""
   path = str(path)
   return epath.Path(path if "://" in path else os.path.abspath(path))
-
-
-# --- retries and damage -------------------------------------------------------------------------
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class Retries:
-  """How a checkpoint read or write that failed is tried again: `tries` in all, `delay_s` seconds
-  before the second try, twice that before the third, and so on (a GCS 503 passes in seconds; a
-  restart that gave up on it would set a good checkpoint aside)."""
-  tries: int = 4
-  delay_s: float = 1.0
-
-  def pause(self, failed: int) -> float:
-    """The wait after the `failed`-th failed try (1-based)."""
-    return self.delay_s * 2 ** (failed - 1)
-
-
-MISSING, CORRUPT = "missing file", "corrupt"
-# TensorStore's status codes (its messages start with one) that mean the bytes read are not what
-# was written; UNAVAILABLE, DEADLINE_EXCEEDED, ... are the storage's and may pass.
-_CORRUPT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
-_STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
-# A file that is there but does not parse (npz: the data iterator's held batches).
-_FORMAT_ERRORS = (EOFError, KeyError, UnicodeDecodeError, zipfile.BadZipFile)
-# Write errors that no retry cures: say so at once.
-_PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def _causes(error: BaseException) -> list:
-  chain = [error]
-  while chain[-1].__cause__ is not None:
-    chain.append(chain[-1].__cause__)
-  return chain
-
-
-def damage(error: BaseException) -> Optional[str]:
-  """MISSING or CORRUPT when `error` says a checkpoint's files are not what was written (reading
-  them again fails the same way); None when the storage itself may have failed for a moment (a
-  503, a timeout, a reset connection)."""
-  chain = _causes(error)
-  if any(isinstance(e, FileNotFoundError) for e in chain):
-    return MISSING
-  text = one_line(chain[-1])
-  if text.startswith("NOT_FOUND"):
-    return MISSING
-  if text.startswith(_CORRUPT_CODES):
-    return CORRUPT
-  if any(isinstance(e, _FORMAT_ERRORS) for e in chain):
-    return CORRUPT
-  # A format or structure check (json, msgpack, the tree's metadata); not an OSError's errno.
-  if isinstance(chain[-1], ValueError) and not _STATUS.match(text):
-    return CORRUPT
-  return None
-
-
-def _read_error(error: BaseException) -> bool:
-  """Whether `error` is a checkpoint read failing (not a bug, which keeps its traceback)."""
-  # Orbax raises bare Exceptions for TensorStore read errors.
-  bare = type(error) is Exception  # pylint: disable=unidiomatic-typecheck
-  return isinstance(error, _READ_ERRORS) or bare
 
 
 def committed_steps(directory: epath.Path) -> list[int]:
@@ -257,59 +100,13 @@ def committed_steps(directory: epath.Path) -> list[int]:
   return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
-def _read(read: Callable[[], Any], what: str, retries: Retries, log: Callable[[str], None],
-          gone: Callable[[], bool] = lambda: False) -> Any:
-  """`read()`, tried again while it fails with a read error that may pass (this process alone).
-
-  Raises `_Unreadable` with the reason once the damage reproduces, `gone()` says the checkpoint
-  was removed meanwhile, or every try failed.
-  """
-  kinds = []
-  for attempt in range(1, retries.tries + 1):
-    try:
-      return read()
-    except CheckpointError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      if not _read_error(e):
-        raise
-      error = e
-    _after_failed_read()
-    kinds.append(damage(error))
-    if gone():
-      raise _Unreadable("it was removed while it was read", error)
-    if (len(kinds) > 1 and kinds[-1] is not None and kinds[-1] == kinds[-2]) or \
-        attempt == retries.tries:
-      break
-    pause = retries.pause(attempt)
-    log(f"{what}: reading failed ({root_cause(error)}); trying again in {pause:g}s "
-        f"(try {attempt + 1} of {retries.tries})")
-    time.sleep(pause)
-  raise _Unreadable(_reason(kinds, error, retries.tries), error)
-
-
-def _reason(kinds: list, error: BaseException, tries: int) -> str:
-  """Why a checkpoint counts as unreadable: the damage seen twice, or every try failing."""
-  if kinds[-1] is not None and len(kinds) > 1 and kinds[-1] == kinds[-2]:
-    return f"{kinds[-1]}: {root_cause(error)}"
-  return f"failed {len(kinds)} time{'s' if len(kinds) > 1 else ''}: {root_cause(error)}"
-
-
-class _Unreadable(Exception):
-  """A checkpoint that could not be read; `reason` is what its log line says."""
-
-  def __init__(self, reason: str, error: BaseException):
-    super().__init__(reason)
-    self.reason, self.error = reason, error
-
-
 def _print_on_main(line: str) -> None:
   if jax.process_index() == 0:
     print(line, flush=True)
 
 
 def read_params(directory: epath.Path, abstract_params: Any, step: Optional[int],
-                retries: Retries, log: Callable[[str], None]) -> Any:
+                retries: faults.Retries, log: Callable[[str], None]) -> Any:
   """Only the parameters of `step` (default: the newest committed), onto `abstract_params`'
   shardings, with a read error that may pass tried again. Any failure is a CheckpointError."""
   steps = committed_steps(directory)
@@ -322,10 +119,11 @@ def read_params(directory: epath.Path, abstract_params: Any, step: Optional[int]
   check_tree(state_dir, {"params": abstract_params}, f"checkpoint {step}")
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
   try:
-    return _read(lambda: _read_params(state_dir, abstract_params, restore_args),
-                 f"checkpoint {step} in {directory}", retries, log,
-                 gone=lambda: step not in committed_steps(directory))
-  except _Unreadable as e:
+    return faults.read_with_retries(
+        lambda: read_state_params(state_dir, abstract_params, restore_args),
+        f"checkpoint {step} in {directory}", retries, log,
+        gone=lambda: step not in committed_steps(directory))
+  except faults.Unreadable as e:
     others = [s for s in committed_steps(directory) if s != step]
     raise CheckpointError(
         f"checkpoint {step} in {directory} cannot be read ({e.reason})"
@@ -341,10 +139,10 @@ class CheckpointReader:
   training process's `Checkpointer`'s job: a reader cannot tell a killed save from a running one).
   """
 
-  def __init__(self, directory: str, retries: Optional[Retries] = None,
+  def __init__(self, directory: str, retries: Optional[faults.Retries] = None,
                log: Callable[[str], None] = _print_on_main):
     self.directory = absolute(directory)
-    self.retries = retries or Retries()
+    self.retries = retries or faults.Retries()
     self.log = log
 
   def all_steps(self) -> list[int]:
@@ -387,18 +185,19 @@ class Checkpointer:
     keep_best: (metric, "min" | "max"): also keep the checkpoint with the best value of that
       metric among those saved with metrics (`save(..., metrics=)`).
     keep_period: also keep every checkpoint whose step is a multiple of this.
-    retries: how a failed read or write is tried again (default: `Retries()`, gin-configurable).
+    retries: how a failed read or write is tried again (default: `checkpoint_faults.Retries()`,
+      gin-configurable).
     log: where the lines about retries go (default: printed by process 0).
   """
 
   def __init__(self, directory: str, keep: Optional[int] = 3, save_every: int = 1000,
                async_save: bool = True, keep_best: Optional[Tuple[str, str]] = None,
-               keep_period: Optional[int] = None, retries: Optional[Retries] = None,
+               keep_period: Optional[int] = None, retries: Optional[faults.Retries] = None,
                log: Callable[[str], None] = _print_on_main):
     self.save_every = save_every
     self.directory = absolute(directory)
     self.keeps_best = keep_best is not None
-    self.retries = retries or Retries()
+    self.retries = retries or faults.Retries()
     self.log = log
     self._in_flight: Optional[_Save] = None  # started, not yet known to be complete
     self._failed_in_row = 0
@@ -419,7 +218,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
-    _quiet_failed_save()
+    faults.quiet_failed_save()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -462,10 +261,10 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        if not _read_error(e):
+        if not faults.is_read_error(e):
           raise
         error, started = e, False
-      if _agree(error is None):
+      if distributed.all_processes(error is None):
         self._in_flight = save if started else None
         return started
       self._failed(save.step, error, next_step=save.step)
@@ -481,10 +280,10 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      if not _read_error(e):
+      if not faults.is_read_error(e):
         raise
       error = e
-    if _agree(error is None):
+    if distributed.all_processes(error is None):
       self._failed_in_row = 0
       return
     if next_step is None:  # the end of the run: the same step again, if its state is still here
@@ -501,8 +300,8 @@ class Checkpointer:
     self._failed_in_row += 1
     self.manager.reload()  # Orbax's list may name the failed step, or miss older ones
     self._remove_unfinished(step)
-    reason = root_cause(error) if error is not None else "another process could not write it"
-    permanent = isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS
+    reason = faults.root_cause(error) if error is not None else "another process could not write it"
+    permanent = isinstance(error, OSError) and error.errno in faults.PERMANENT_ERRNOS
     if next_step is None or permanent or self._failed_in_row >= self.retries.tries:
       last = self.manager.latest_step()
       tries = (f"; {self._failed_in_row} saves in a row failed" if self._failed_in_row > 1
@@ -570,7 +369,7 @@ class Checkpointer:
             "Resume the state alone with --gin.train.resume_data_position=False (the data stream "
             "then starts again from its beginning)")
       items["data"] = DataIteratorRestore(data_iterator)
-    _quiet_read_echoes()
+    faults.quiet_read_echoes()
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def restore_newest_readable(self, abstract_state: Any, data_iterator: Any = None,
@@ -614,26 +413,27 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        if not _read_error(e):
+        if not faults.is_read_error(e):
           raise
         error, state = e, None
-        _after_failed_read()
-      if _agree(error is None):
+        faults.after_failed_read()
+      if distributed.all_processes(error is None):
         return state, None
-      kinds.append(damage(error) if error is not None else None)
+      kinds.append(faults.damage(error) if error is not None else None)
       # Damage that reproduces ends the tries (on every process: each says it is done).
       confirmed = error is None or (len(kinds) > 1 and kinds[-1] is not None and
                                     kinds[-1] == kinds[-2])
-      if _agree(confirmed) or attempt == self.retries.tries:
+      if distributed.all_processes(confirmed) or attempt == self.retries.tries:
         break
       pause = self.retries.pause(attempt)
       log(f"checkpoint {step} in {self.directory}: reading failed ("
-          f"{root_cause(error) if error is not None else 'on another process'}); trying again "
+          f"{faults.root_cause(error) if error is not None else 'on another process'}); trying "
+          "again "
           f"in {pause:g}s (try {attempt + 1} of {self.retries.tries})")
       time.sleep(pause)
     if error is None:
       return None, "another process could not read it"
-    return None, _reason(kinds, error, self.retries.tries)
+    return None, faults.unreadable_reason(kinds, error, self.retries.tries)
 
   def set_aside(self, step: int) -> epath.Path:
     """Moves step `step` into `<directory>_unreadable/` (process 0; all processes wait)."""
@@ -670,11 +470,11 @@ class Checkpointer:
       self.manager.close()
 
 
-def _saved_tree(state_dir: epath.Path) -> Optional[Any]:
+def saved_tree(state_dir: epath.Path) -> Optional[Any]:
   """The saved tree's metadata (shapes and dtypes), or None when it cannot be read."""
   try:
     metadata = ocp.StandardCheckpointer().metadata(state_dir)
-  except _READ_ERRORS:
+  except faults.READ_ERRORS:
     return None
   item = getattr(metadata, "item_metadata", metadata)
   return getattr(item, "tree", None)
@@ -685,7 +485,7 @@ def check_tree(state_dir: epath.Path, abstract: Any, what: str) -> None:
 
   Saved leaves that `abstract` does not name are fine (a partial restore reads what it needs).
   """
-  saved = _saved_tree(state_dir)
+  saved = saved_tree(state_dir)
   if saved is None:
     return
   saved_shapes = {parameter_name(p): tuple(getattr(v, "shape", ()) or ())
@@ -705,9 +505,9 @@ def check_tree(state_dir: epath.Path, abstract: Any, what: str) -> None:
         "start from its parameters where they fit")
 
 
-def _read_params(state_dir: epath.Path, abstract_params: Any, restore_args: Any) -> Any:
+def read_state_params(state_dir: epath.Path, abstract_params: Any, restore_args: Any) -> Any:
   """The `params` subtree of a saved TrainState (a partial restore: no optimizer state read)."""
-  _quiet_read_echoes()
+  faults.quiet_read_echoes()
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item={"params": abstract_params}, restore_args={"params": restore_args},
@@ -717,88 +517,3 @@ def _read_params(state_dir: epath.Path, abstract_params: Any, restore_args: Any)
 def parameter_name(path) -> str:
   """'patchify/stem_conv/kernel' for a parameter's tree path."""
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def _resize_grid(table: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
-  """Bilinear resize of the one axis of `table` that differs from `shape`, read as a square grid
-  (g*g image positions, or (2g-1)^2 relative position buckets), so a checkpoint moves to another
-  image resolution. Other axes (e.g. the stacked layers of a scanned model) stay as they are."""
-  axes = [i for i, (a, b) in enumerate(zip(table.shape, shape)) if a != b]
-  old_rows = table.shape[axes[0]] if len(axes) == 1 else 0
-  old, new = int(round(np.sqrt(old_rows))), int(round(np.sqrt(shape[axes[0]] if axes else 0)))
-  if len(axes) != 1 or old * old != old_rows or new * new != shape[axes[0]]:
-    raise ValueError(f"cannot resize {table.shape} to {shape}: not one square grid axis")
-  moved = np.moveaxis(table, axes[0], 0)
-  grid = moved.reshape((old, old) + moved.shape[1:])
-  resized = jax.image.resize(grid, (new, new) + moved.shape[1:], method="bilinear")
-  return np.moveaxis(np.asarray(resized).reshape((new * new,) + moved.shape[1:]), 0, axes[0])
-
-
-RESIZABLE = ("image_positions/embedding", "image_relpos/rel_bias")
-
-
-def load_pretrained_params(init_from: str, target: Any) -> Tuple[Any, dict]:
-  """Partial restore for finetuning: pretrained values where they fit, `target` elsewhere.
-
-  Args:
-    init_from: a model_dir (its latest checkpoint) or one checkpoint step directory.
-    target: freshly initialised params (sharded `jax.Array`s); their shardings are kept.
-
-  Returns:
-    (params, report) where report lists the "loaded", "resized" (image position tables of another
-    resolution, interpolated), "new" (not in the checkpoint: initialised) and "unused" (in the
-    checkpoint, not in the model) parameter names.
-  """
-  state_dir = _pretrained_step_dir(absolute(init_from))
-  # Restore the parameters only (never the optimizer state), as host numpy arrays.
-  tree = _saved_tree(state_dir / "state")
-  what = f"checkpoint {state_dir.name} ({state_dir})"
-  if tree is None or "params" not in tree:
-    raise CheckpointError(f"init_from: {what} cannot be read (its metadata is missing or damaged)")
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
-  try:
-    loaded = _read_params(state_dir / "state", abstract, jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract))
-  except Exception as e:  # pylint: disable=broad-except
-    _after_failed_read()
-    raise CheckpointError(f"init_from: {what} cannot be read ({root_cause(e)}); point init_from "
-                          "at another step directory") from e
-  pretrained = {parameter_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
-  report = {"loaded": [], "resized": [], "new": [], "unused": []}
-  used = set()
-
-  def pick(path, current):
-    name = parameter_name(path)
-    value = pretrained.get(name)
-    if value is None:
-      report["new"].append(name)
-      return current
-    used.add(name)
-    if value.shape != current.shape:
-      if not name.endswith(RESIZABLE) or value.ndim != current.ndim:
-        raise CheckpointError(f"init_from: {name} is {value.shape} in {what}, {current.shape} "
-                              "in this model (only image position tables are resized)")
-      value = _resize_grid(value, current.shape)
-      report["resized"].append(name)
-    else:
-      report["loaded"].append(name)
-    return jax.device_put(value.astype(current.dtype), current.sharding)
-
-  params = jax.tree_util.tree_map_with_path(pick, target)
-  report["unused"] = sorted(set(pretrained) - used)
-  return params, report
-
-
-def _pretrained_step_dir(path: epath.Path) -> epath.Path:
-  """The step directory `init_from` names: a model_dir or checkpoints dir (its newest finalised
-  step; a step a killed run left unfinished is never picked) or one step directory."""
-  if (path / "state").exists():
-    return path
-  if (path / "checkpoints").exists():
-    path = path / "checkpoints"
-  if not path.exists():
-    raise CheckpointError(f"init_from: {path} does not exist")
-  steps = ocp.path.step.checkpoint_steps(path)
-  if not steps:
-    raise CheckpointError(f"init_from: no finished checkpoint in {path}")
-  return path / str(max(steps))

@@ -19,7 +19,7 @@ from etils import epath
 
 from simvlm_jax import (checkpoints, console, distributed, evaluators as evaluators_lib, flops,
                         gin_utils, memory, nonfinite, objectives, preemption, run_dir)
-from simvlm_jax import progress as progress_lib
+from simvlm_jax import pretrained, progress as progress_lib
 from simvlm_jax.data import prefetch
 from simvlm_jax.errors import UserError, run_main
 from simvlm_jax.models import ModelConfig
@@ -170,7 +170,7 @@ def _train_loop(trainer: Trainer, ckpt: checkpoints.Checkpointer,
   _write_run_files(model_dir, data, trainer.config, init_from, is_main)
   state = _restore(ckpt, trainer, data, resume_data_position, log)
   if state is None and init_from:
-    params, report = checkpoints.load_pretrained_params(init_from, trainer.init_state().params)
+    params, report = pretrained.load_params(init_from, trainer.init_state().params)
     state = trainer.state_from_params(params)
     log(f"initialised from {init_from}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items())
         + "".join(f"\n  {k}: {', '.join(v)}" for k, v in report.items() if k != "loaded" and v))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SENTENCES, write_run
-from simvlm_jax import checkpoints, export, run_dir
+from simvlm_jax import checkpoints, export, pretrained, run_dir
 from simvlm_jax.data import vocab
 from simvlm_jax.errors import UserError
 from simvlm_jax.partitioning import Partitioner
@@ -31,7 +31,7 @@ def test_export_round_trips_into_predict_eval_and_init_from(tmp_path, tiny_confi
   # Parameters only: Adam's two moments (twice the parameters) and the data position stay behind.
   step_dir = release / "checkpoints" / "7"
   assert "state" in os.listdir(step_dir) and "data" not in os.listdir(step_dir)
-  saved = checkpoints._saved_tree(step_dir / "state")  # pylint: disable=protected-access
+  saved = checkpoints.saved_tree(step_dir / "state")
   assert list(saved) == ["params"]
 
   # Opened as predict and eval open a run: the same parameters, vocabulary and answers.
@@ -43,7 +43,7 @@ def test_export_round_trips_into_predict_eval_and_init_from(tmp_path, tiny_confi
   # train.init_from: every parameter loaded.
   target = Trainer(tiny_config(vocab_size=300), Partitioner((1, 1, 1), devices=jax.devices()[:1]),
                    total_steps=1, seed=1).init_state().params
-  loaded, report = checkpoints.load_pretrained_params(str(release), target)
+  loaded, report = pretrained.load_params(str(release), target)
   assert len(report["loaded"]) == len(jax.tree.leaves(params)) and not report["new"]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
 

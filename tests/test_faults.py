@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tasks  # noqa: F401  (registers the shapes tasks the user-error cases name)
-from simvlm_jax import checkpoints, decoding, gin_utils, nonfinite, preemption, train, trainer
+from simvlm_jax import (checkpoint_faults, checkpoints, decoding, gin_utils, nonfinite, preemption, pretrained, train,
+                        trainer)
 from simvlm_jax.data import pipeline, prefetch
 from simvlm_jax.data.synthetic import SyntheticIterator
 from simvlm_jax.errors import CheckpointError, DivergenceError, UserError, one_line
@@ -213,7 +214,7 @@ DAMAGE = {
 DAMAGE_KIND = {"array file cut in half": "corrupt", "array files deleted": "corrupt",
                "tree metadata deleted": "corrupt", "iterator position deleted": "missing file",
                "iterator position emptied": "corrupt", "held batches cut in half": "corrupt"}
-NO_WAIT = checkpoints.Retries(tries=3, delay_s=0)
+NO_WAIT = checkpoint_faults.Retries(tries=3, delay_s=0)
 
 
 @pytest.mark.parametrize("how", sorted(DAMAGE))
@@ -294,12 +295,12 @@ def test_a_read_error_that_persists_sets_the_checkpoint_aside(damaged, monkeypat
 def test_eval_and_predict_read_again_after_an_error_that_passes(damaged, monkeypatch):
   """`restore_params` (eval, predict, export) retries too."""
   run, tr = damaged
-  calls = _flaky(monkeypatch, checkpoints, "_read_params", fails=1)
+  calls = _flaky(monkeypatch, checkpoints, "read_state_params", fails=1)
   ckpt = checkpoints.Checkpointer(str(run / "checkpoints"))
   params = ckpt.restore_params(tr.abstract_state.params)
   assert len(calls) == 2 and len(jax.tree.leaves(params)) > 10
   ckpt.close()
-  calls = _flaky(monkeypatch, checkpoints, "_read_params", fails=None)
+  calls = _flaky(monkeypatch, checkpoints, "read_state_params", fails=None)
   reader = checkpoints.CheckpointReader(str(run / "checkpoints"), retries=NO_WAIT)
   with pytest.raises(CheckpointError, match=r"^checkpoint 4 in .* cannot be read \(failed 3 "
                      r"times: 503 Service Unavailable\); the run has other checkpoints \[2\]"):
@@ -369,7 +370,7 @@ def test_init_from_names_the_damaged_step_and_skips_unfinished_ones(damaged):
   # run's own Checkpointer on restart.
   tmp = run / "checkpoints" / "6.orbax-checkpoint-tmp-1234"
   shutil.copytree(run / "checkpoints" / "4", tmp)
-  params, report = checkpoints.load_pretrained_params(str(run), target)
+  params, report = pretrained.load_params(str(run), target)
   assert not report["new"] and len(report["loaded"]) > 10
   loaded = checkpoints.Checkpointer(str(run / "checkpoints")).restore_params(
       tr.abstract_state.params, step=4)
@@ -379,7 +380,7 @@ def test_init_from_names_the_damaged_step_and_skips_unfinished_ones(damaged):
   DAMAGE["array files deleted"](run / "checkpoints" / "4")
   with pytest.raises(CheckpointError, match=r"^init_from: checkpoint 4 \(.*/checkpoints/4\) "
                      r"cannot be read \(.+\); point init_from at another step directory$"):
-    checkpoints.load_pretrained_params(str(run), target)
+    pretrained.load_params(str(run), target)
 
 
 # --- failed saves --------------------------------------------------------------------------------

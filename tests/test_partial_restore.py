@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from simvlm_jax import checkpoints
+from simvlm_jax import pretrained as pretrained_lib
 from simvlm_jax.errors import CheckpointError
 from simvlm_jax.partitioning import Partitioner
 from simvlm_jax.trainer import Trainer
@@ -25,7 +26,7 @@ def pretrained(tmp_path_factory, tiny_config):
 def test_same_model_loads_everything(pretrained, tiny_config):
   directory, expected = pretrained
   target = Trainer(tiny_config(), Partitioner((1, 8, 1)), 10).init_state().params
-  params, report = checkpoints.load_pretrained_params(directory, target)
+  params, report = pretrained_lib.load_params(directory, target)
   assert not report["new"] and not report["resized"] and not report["unused"]
   assert len(report["loaded"]) == len(jax.tree.leaves(expected))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
@@ -36,7 +37,7 @@ def test_same_model_loads_everything(pretrained, tiny_config):
 def test_higher_resolution_resizes_image_positions(pretrained, tiny_config):
   directory, expected = pretrained
   target = Trainer(tiny_config(image_size=64), Partitioner((-1, 1, 1)), 10).init_state().params
-  params, report = checkpoints.load_pretrained_params(directory, target)
+  params, report = pretrained_lib.load_params(directory, target)
   assert "image_positions/embedding" in report["resized"]
   assert "encoder/layer_0/image_relpos/rel_bias" in report["resized"]
   old = expected["image_positions"]["embedding"].reshape(4, 4, -1)  # 32 px / patch 8
@@ -57,7 +58,7 @@ def test_new_and_unused_parameters_are_reported(pretrained, tiny_config):
   head = jnp.full((32, 3), 7.0)
   target["classifier"] = {"kernel": head}
   del target["text_positions"]
-  params, report = checkpoints.load_pretrained_params(directory, target)
+  params, report = pretrained_lib.load_params(directory, target)
   assert report["new"] == ["classifier/kernel"]
   assert report["unused"] == ["text_positions/embedding"]
   np.testing.assert_array_equal(params["classifier"]["kernel"], head)
@@ -68,7 +69,7 @@ def test_image_pair_finetuning_adds_a_zero_image_index(pretrained, tiny_config):
   # image index embedding starts at zero, so the pair is encoded exactly as before finetuning.
   directory, expected = pretrained
   target = Trainer(tiny_config(max_images=2), Partitioner((-1, 1, 1)), 10).init_state().params
-  params, report = checkpoints.load_pretrained_params(directory, target)
+  params, report = pretrained_lib.load_params(directory, target)
   assert report["new"] == ["image_index/embedding"] and not report["unused"]
   assert len(report["loaded"]) == len(jax.tree.leaves(expected))
   np.testing.assert_array_equal(params["image_index"]["embedding"], np.zeros((2, 32)))
@@ -79,11 +80,11 @@ def test_mismatched_shape_is_a_clear_error(pretrained, tiny_config):
   target = Trainer(tiny_config(vocab_size=80), Partitioner((-1, 1, 1)), 10).init_state().params
   with pytest.raises(CheckpointError,
                      match=r"token_embed/embedding is \(64, 32\) in checkpoint 0 .*\(80, 32\)"):
-    checkpoints.load_pretrained_params(directory, target)
+    pretrained_lib.load_params(directory, target)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(CheckpointError, match="no finished checkpoint"):
-    checkpoints.load_pretrained_params(str(tmp_path), {})
+    pretrained_lib.load_params(str(tmp_path), {})
   with pytest.raises(CheckpointError, match="does not exist"):
-    checkpoints.load_pretrained_params(str(tmp_path / "nope"), {})
+    pretrained_lib.load_params(str(tmp_path / "nope"), {})
