@@ -30,7 +30,7 @@ param-count: $(STAMP)
 	$(PY) -m simvlm_jax.models.param_count
 
 demo: $(STAMP)
-	$(PY) -m simvlm_jax.demo
+	$(PY) -m tasks.demo
 
 clean:
 	rm -rf $(VENV)

@@ -44,7 +44,7 @@ COLUMNS = (("zero-shot CIDEr", lambda r: r["zero_shot"]["CIDEr"] * 100),
 
 
 def run_one(config: str, seed: int, args, workdir: str) -> dict:
-  from simvlm_jax import demo
+  from tasks import demo
   files = CONFIGS[config]
   root = os.path.join(workdir, f"{config}_seed{seed}")
   pretrain = os.path.join(root, "pretrain")
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
   from simvlm_jax import console
   console.quiet_native()  # a script, not `python -m`: silence the libraries' C++ logging here
   console.quiet_python()
-  from simvlm_jax import demo
+  from tasks import demo
   os.environ["SIMVLM_DATA_DIR"] = data_dir = os.path.join(args.workdir, "tfds")
   from tasks import build
   build.main(["--data_dir", data_dir, "shapes", "--train", str(args.train_images),

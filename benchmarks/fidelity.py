@@ -2,7 +2,7 @@ r"""Fidelity: how close SimVLM-Tiny gets to the shapes world's ceiling in a long
 
   .venv/bin/python benchmarks/fidelity.py [--workdir fidelity_output]
 
-The demo's pipeline (`simvlm_jax.demo`) with more of everything: pretraining for 6,000 steps
+The demo's pipeline (`tasks.demo`) with more of everything: pretraining for 6,000 steps
 (`gin/runs/fidelity_pretrain.gin`, about 35 minutes on the 2-core CPU), 16,000 training images
 per downstream benchmark, longer finetuning (1,000 steps for VQA and SNLI-VE, 300 for the others),
 and evaluation on 400 validation examples each. Prints the

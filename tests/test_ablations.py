@@ -82,7 +82,7 @@ def test_table_shows_mean_and_half_spread_over_seeds():
 def test_a_preempted_run_ends_the_program_instead_of_evaluating_it(tmp_path, monkeypatch, capsys):
   """The demo, fidelity and ablation scripts train through `demo.run_train`: a run that SIGTERM
   stopped (train returns the state of the step it saved) must not be evaluated as finished."""
-  from simvlm_jax import demo  # pylint: disable=import-outside-toplevel
+  from tasks import demo  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(train, "train", lambda: types.SimpleNamespace(step=np.int32(3)))
   with pytest.raises(SystemExit) as stop:
     demo.run_train(["runs/synthetic_tiny.gin"], str(tmp_path), ["train.total_steps = 10"])

@@ -19,7 +19,6 @@ Everything lands in --workdir; running again reuses what is there (data, finishe
 """
 import argparse
 import functools
-import importlib
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ import jax
 import numpy as np
 
 from simvlm_jax import console, gin_utils
+from tasks import build, shapes_caption_check, shapes_world
 
 PROMPT = "a picture of"  # SimVLM's "A picture of"; the shapes vocabulary is lower case.
 
@@ -88,7 +88,6 @@ def _show_captions(model_dir: str, data_dir: str, count: int = 8) -> dict:
   size = predictor.config.image_size
   images = np.stack([image_ops.crop_and_resize(image_ops.decode_rgb(ex["image"]),
                                                (size, size)).numpy() for ex in examples])
-  from tasks import shapes_caption_check, shapes_world
   names = {"colour": list(shapes_world.COLOURS), "shape": list(shapes_world.SHAPES),
            "size": list(shapes_world.SIZES)}  # the ClassLabel names, in order
   results = predictor.generate(images, [PROMPT] * len(examples))
@@ -159,14 +158,12 @@ def _finished(model_dir: str, steps: int) -> bool:
 
 
 def _correctness(scores: dict) -> str:
-  from tasks import shapes_caption_check
   checked = scores.get("caption_correctness")
   return f"   correctness: {shapes_caption_check.summary(checked)}" if checked else ""
 
 
 def build_downstream(workdir: str, data_dir: str, train: int, evaluation: int) -> None:
   """The shapes world's downstream benchmarks (raw files in <workdir>/downstream_raw, TFDS)."""
-  from tasks import build
   build.main(["--data_dir", data_dir, "shapes_downstream", "--out_dir",
               os.path.join(workdir, "downstream_raw"), "--train", str(train),
               "--eval", str(evaluation), "--workers", "0"])  # no fork(): JAX may be running
@@ -274,8 +271,6 @@ def main(argv=None) -> dict:
   data_dir = os.path.join(args.workdir, "tfds")
   os.environ["SIMVLM_DATA_DIR"] = data_dir
   console.quiet_python()
-  importlib.import_module("tasks")
-  from tasks import build
 
   print("== 1/5 building the shapes world", flush=True)
   heldout = str(args.heldout_images)
