@@ -22,4 +22,24 @@ from tasks.shapes_builders import ShapesWorld, ShapesWorldText
 from tasks.vocabularies import SHAPES_VOCAB_SIZE, VOCABULARY
 from tasks import downstream  # noqa: F401  (registers the downstream tasks)
 
+
+def register_defaults(data_dir=None) -> dict:
+  """(Re-)registers the shapes world's mixtures and every downstream task over `data_dir`
+  (default: `SIMVLM_DATA_DIR`'s): what `import tasks` does, again for a program that picks its
+  data directory after the import (the demo's `--workdir`). Returns {config: mixture name}."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  for config in ("64px", "224px"):
+    prefix = "shapes" + config.replace("px", "")
+    for registry, names in ((seqio.MixtureRegistry, [f"{prefix}_pretrain"]),
+                            (seqio.TaskRegistry, [f"{prefix}_image_text", f"{prefix}_text"])):
+      for name in names:
+        if name in registry.names():
+          registry.remove(name)
+  for name in downstream.TASKS:
+    if name in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(name)
+  downstream.register_all(data_dir)
+  return {config: register_shapes(config, data_dir) for config in ("64px", "224px")}
+
+
 PRESETS = {"64px": register_shapes("64px"), "224px": register_shapes("224px")}

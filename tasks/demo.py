@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from simvlm_jax import console, gin_utils
+import tasks
 from tasks import build, shapes_caption_check, shapes_world
 
 PROMPT = "a picture of"  # SimVLM's "A picture of"; the shapes vocabulary is lower case.
@@ -270,6 +271,7 @@ def main(argv=None) -> dict:
   start = time.time()
   data_dir = os.path.join(args.workdir, "tfds")
   os.environ["SIMVLM_DATA_DIR"] = data_dir
+  tasks.register_defaults(data_dir)  # `import tasks` registered them over the default directory
   console.quiet_python()
 
   print("== 1/5 building the shapes world", flush=True)

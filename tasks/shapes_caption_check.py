@@ -149,10 +149,12 @@ def summary(pooled: dict) -> str:
   return f"{claims}; {pooled['recall']:.0f}% of the objects are named{right}"
 
 
-def caption_correctness(examples: Sequence[Mapping], predictions: Sequence[str]) -> dict:
+def caption_correctness(targets: Sequence[Mapping], predictions: Sequence[str]) -> dict:
   """The shapes world's caption tasks' metric fn beside the official caption metrics:
   {"caption_correctness": `corpus_score`} of the captions whose example carries a scene.
-  `simvlm_jax.evaluators` calls it with the examples' pass-through features (`scores_examples`)."""
+  seqio's (targets, predictions) signature, but `scores_examples`: `simvlm_jax.evaluators` gives
+  each example's pass-through features (its scene) as its target."""
+  examples = targets
   def text(x):
     return x.decode("utf-8") if isinstance(x, bytes) else str(x or "")
   known = [i for i, example in enumerate(examples) if text(example.get("scene"))]

@@ -45,6 +45,6 @@ def write_results(output_dir: epath.Path, step: int, title: str, benchmark: str,
         example["images" if image.ndim == 4 else "image"] = list(image) if image.ndim == 4 \
             else image
       report.append(example)
-  (output_dir / f"predictions_{step}.jsonl").writetext(
+  (output_dir / f"predictions_{step}.jsonl").write_text(
       "".join(json.dumps(record) + "\n" for record in rows))
   write_html_report(str(output_dir / f"report_{step}.html"), title, result.scores, report)
