@@ -19,8 +19,7 @@ import gin
 from simvlm_jax import gin_utils
 from simvlm_jax.errors import UserError
 from simvlm_jax.evaluators.official_metric import Evaluator
-from simvlm_jax.evaluators.scoring import (CAPTION_TASKS, CLASS_LABELS, benchmark_of, scalars,
-                                           summary)
+from simvlm_jax.evaluators.scoring import always_written, benchmark_of, scalars, summary
 from simvlm_jax.metrics import vqa
 from simvlm_jax.models import ModelConfig
 from simvlm_jax.partitioning import Partitioner
@@ -74,14 +73,7 @@ class OfficialMetric:
   def ranking_scalars(self) -> tuple[str, ...]:
     """The scalars (without "eval/<name>/") every evaluation of this task writes, whatever its
     data: what `train.keep_best_by` may rank by."""
-    benchmark = benchmark_of(self.task)
-    if benchmark == "vqa_v2":
-      return ("accuracy",)
-    if benchmark in CAPTION_TASKS:
-      names = [f"Bleu_{n}" for n in range(1, 5)] if "Bleu" in self.caption_metric_names else []
-      return tuple(names + [m for m in ("METEOR", "ROUGE_L", "CIDEr")
-                            if m in self.caption_metric_names])
-    return ("accuracy",) + tuple(f"per_class_accuracy/{c}" for c in CLASS_LABELS[benchmark])
+    return always_written(benchmark_of(self.task), self.caption_metric_names)
 
 
 class Running:

@@ -47,6 +47,17 @@ def score(benchmark: str, predictions: Sequence[str], meta: Sequence[dict],
   return scores, per_example
 
 
+def always_written(benchmark: str, caption_metric_names: Sequence[str]) -> tuple[str, ...]:
+  """The scalars of `score`'s that every evaluation of `benchmark` writes, whatever its data
+  (what a checkpoint may be ranked by): the official metric's, not the per-answer-type ones."""
+  if benchmark == "vqa_v2":
+    return ("accuracy",)
+  if benchmark in CAPTION_TASKS:
+    names = [f"Bleu_{n}" for n in range(1, 5)] if "Bleu" in caption_metric_names else []
+    return tuple(names + [m for m in ("METEOR", "ROUGE_L", "CIDEr") if m in caption_metric_names])
+  return ("accuracy",) + tuple(f"per_class_accuracy/{c}" for c in CLASS_LABELS[benchmark])
+
+
 def example_metrics_of(task: str) -> list[Callable]:
   """The metric fns of a registered SeqIO task that score predictions against whole examples
   (those with `scores_examples = True`, called as `fn(examples, predictions) -> {name: value}`
