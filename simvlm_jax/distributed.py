@@ -243,7 +243,6 @@ def all_processes_mask(mask: np.ndarray) -> np.ndarray:
   return np.all(multihost_utils.process_allgather(mask.astype(np.int32)), axis=0).astype(bool)
 
 
-_MESSAGE_BYTES = 1024
 T = TypeVar("T")
 
 
@@ -258,22 +257,11 @@ def refuse_together(fn: Callable[[], T]) -> T:
     result, error = fn(), None
   except UserError as e:
     result, error = None, e
-  if jax.process_count() == 1:
-    if error is not None:
-      raise error
-    return result
-  encoded = np.zeros(_MESSAGE_BYTES, np.uint8)
-  if error is not None:
-    text = one_line(error).encode("utf-8")[:_MESSAGE_BYTES]
-    encoded[:len(text)] = np.frombuffer(text, np.uint8)
-    encoded[0] = encoded[0] or ord("?")  # never empty
-  gathered = multihost_utils.process_allgather(encoded)
-  for pid, row in enumerate(np.asarray(gathered)):
-    if row[0]:
+  for pid, message in enumerate(gather_json(None if error is None else one_line(error))):
+    if message is not None:
       if pid == jax.process_index():
         raise error
-      raise UserError(bytes(row).rstrip(b"\0").decode("utf-8", errors="replace")
-                      + f" (process {pid})")
+      raise UserError(f"{message} (process {pid})")
   return result
 
 
